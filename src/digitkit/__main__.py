@@ -1,0 +1,3 @@
+from digitkit.cli import main
+
+raise SystemExit(main())

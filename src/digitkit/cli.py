@@ -1,0 +1,330 @@
+"""The `digitkit` command: each subcommand is one plain function; errors print as one line, not a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from digitkit import __version__
+from digitkit.errors import ConfigError, DigitkitError
+
+DEFAULT_DATA = "data/mnist"
+
+
+# ---------------------------------------------------------------------------------------------- train
+class ConsoleReporter:
+    """A tqdm bar per epoch (loss, accuracy, images/s) and a one-line summary when the epoch ends."""
+
+    def __init__(self, stream: Any = None, bar: bool = True):
+        self.stream, self.show_bar, self.bar = stream or sys.stderr, bar, None
+
+    def epoch_start(self, epoch: int, epochs: int, batches: int) -> None:
+        if self.show_bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=batches, desc=f"epoch {epoch}/{epochs}", unit="batch", leave=False,
+                            file=self.stream, dynamic_ncols=True)  # fmt: skip
+        self.done = 0
+
+    def batch(self, done: int, loss: float, acc: float, images_per_s: float) -> None:
+        if self.bar is not None:
+            self.bar.update(done - self.done)
+            self.bar.set_postfix(loss=f"{loss:.4f}", acc=f"{100 * acc:.2f}%", img_s=f"{images_per_s:,.0f}")
+        self.done = done
+
+    def epoch_end(self, row: dict[str, float]) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        print(
+            f"epoch {row['epoch']:3d}  train loss {row['train_loss']:.4f} acc {100 * row['train_acc']:6.2f}%  "
+            f"val loss {row['val_loss']:.4f} acc {100 * row['val_acc']:6.2f}%  lr {row['lr']:.2e}  "
+            f"{row['seconds']:5.1f}s  {row['images_per_s']:,.0f} img/s",
+            file=self.stream,
+            flush=True,
+        )
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from digitkit import config, runs
+    from digitkit.train import SilentReporter
+
+    if args.resume:
+        if args.config or args.set:
+            raise ConfigError("--resume continues a run with its own saved config; drop --config and --set")
+        run_dir = runs.resolve_run(args.resume)
+        cfg = config.load(run_dir / "config.yaml")
+    else:
+        overrides = list(args.set or [])
+        if args.data_dir:
+            overrides.append(f"data.dir={args.data_dir}")
+        cfg = config.load(args.config, overrides)
+    reporter = SilentReporter() if args.quiet else ConsoleReporter(bar=sys.stderr.isatty() or args.progress)
+    out = Path(args.out) if args.out else None
+    summary = runs.train_run(
+        cfg, out=out, root=Path(args.runs_root), reporter=reporter,
+        resume=run_dir if args.resume else None, stop_after_epochs=args.stop_after_epochs,
+    )  # fmt: skip
+    if args.json:
+        print(json.dumps(summary))
+    elif summary.get("finished"):
+        print_summary(summary)
+    else:
+        print(f"stopped after epoch {summary['epochs']}: continue with --resume {summary['run_dir']}")
+    return 0
+
+
+def print_summary(s: dict[str, Any]) -> None:
+    print(f"run            {s['run_dir']}")
+    print(f"model          {s['model']}  ({s['params']:,} parameters, {s['macs_per_image'] / 1e6:.2f} M MACs/image)")
+    print(f"epochs         {s['epochs']} (best by validation: {s['best_epoch']}"
+          f"{', stopped early' if s['stopped_early'] else ''})")  # fmt: skip
+    print(f"time           {s['train_seconds']:.1f} s training, {s['total_seconds']:.1f} s in all on {s['device']}")
+    print(f"validation     {100 * s['val_accuracy']:.2f}%  (loss {s['val_loss']:.4f})")
+    print(f"test           {100 * s['test_accuracy']:.2f}%  ({s['test_errors']} errors, loss {s['test_loss']:.4f})")
+    print(f"checkpoint     {s['checkpoint']}")
+
+
+# ---------------------------------------------------------------------------------------------- data
+def cmd_data_info(args: argparse.Namespace) -> int:
+    from digitkit import data
+
+    info: dict[str, Any] = {"data_dir": args.data_dir, "files": data.verify_dir(args.data_dir)}
+    for split in ("train", "test"):
+        ds = data.load_split(args.data_dir, split, verify=False)
+        mean, std = data.pixel_stats(ds.images)
+        info[split] = {
+            "count": len(ds),
+            "shape": list(ds.images.shape[1:]),
+            "per_class": dict(zip(ds.classes, ds.class_counts(), strict=True)),
+            "pixel_mean": round(mean, 4),
+            "pixel_std": round(std, 4),
+            "ink_fraction": round((ds.images > 127).float().mean().item(), 4),
+        }
+    info["classes"] = ds.classes
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    print(f"data folder {args.data_dir}: {len(info['classes'])} classes")
+    for name, status in info["files"].items():
+        print(f"  {name:36s} {status}")
+    for split in ("train", "test"):
+        s = info[split]
+        print(f"{split}: {s['count']:,} images of {'x'.join(map(str, s['shape']))}, pixel mean {s['pixel_mean']}, "
+              f"std {s['pixel_std']}, ink fraction {s['ink_fraction']}")  # fmt: skip
+        for cls, n in s["per_class"].items():
+            print(f"  {cls:>8s} {n:7,d}  {100 * n / s['count']:5.2f}%")
+    return 0
+
+
+def cmd_data_preview(args: argparse.Namespace) -> int:
+    import torch
+
+    from digitkit import data, plots
+
+    ds = data.load_split(args.data_dir, args.split, verify=False)
+    g = torch.Generator().manual_seed(args.seed)
+    rows = []
+    # One row per class, so every class shows up however rare it is.
+    for c in range(ds.num_classes):
+        members = torch.nonzero(ds.labels == c).flatten()
+        pick = members[torch.randperm(len(members), generator=g)[: args.per_class]]
+        rows.append(ds.images[pick, 0])
+    per_row = max((len(r) for r in rows), default=0)
+    grid, labels = [], []
+    for c, r in enumerate(rows):
+        pad = torch.zeros(per_row - len(r), *ds.images.shape[2:], dtype=torch.uint8)
+        grid.append(torch.cat([r, pad]))
+        labels += [ds.classes[c]] * len(r) + [""] * (per_row - len(r))
+    images = torch.cat(grid).numpy()
+    path = plots.save_image_grid(images, Path(args.out), nrow=per_row, labels=labels)
+    print(f"wrote {path}: {args.per_class} {args.split} images per class, {ds.num_classes} classes")
+    return 0
+
+
+def cmd_data_verify(args: argparse.Namespace) -> int:
+    from digitkit import data
+
+    for name, status in data.verify_dir(args.data_dir).items():
+        print(f"{name:36s} {status}")
+    return 0
+
+
+def cmd_data_download(args: argparse.Namespace) -> int:
+    from digitkit import download
+
+    mirrors = tuple(args.mirror) if args.mirror else download.MNIST_MIRRORS
+    cache = Path(args.cache_dir) if args.cache_dir else None
+    dest = download.download_mnist(Path(args.out), mirrors=mirrors, cache_dir=cache, timeout_s=args.timeout)
+    print(f"MNIST downloaded and verified into {dest}; use it with --data-dir {dest}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- augment
+def cmd_augment_list(args: argparse.Namespace) -> int:
+    from digitkit import augment
+
+    for name in augment.list_recipes():
+        cfg = augment.load_recipe(name)
+        ops = [f"{op}(p={v['p']})" for op, v in augment.config_to_dict(cfg).items() if v["p"] > 0]
+        print(f"{name:14s} {', '.join(ops) or 'identity'}")
+    return 0
+
+
+def cmd_augment_preview(args: argparse.Namespace) -> int:
+    import torch
+
+    from digitkit import augment, data, plots
+
+    cfg = augment.load_recipe(args.recipe)
+    ds = data.load_split(args.data_dir, "train", verify=False)
+    g = torch.Generator().manual_seed(args.seed)
+    pick = torch.randperm(len(ds), generator=g)[: args.n]
+    originals = ds.images[pick]
+    x = originals.float().div(255).repeat_interleave(args.copies, dim=0)
+    out = augment.augment_batch(x, cfg, g).mul(255).round().clamp(0, 255).to(torch.uint8)
+    augmented = out.reshape(args.n, args.copies, *ds.images.shape[2:]).numpy()
+    path = plots.save_pairs_grid(originals[:, 0].numpy(), augmented, Path(args.out), title=f"recipe: {args.recipe}")
+    print(f"wrote {path}: {args.n} originals (left) beside {args.copies} augmented copies each")
+    return 0
+
+
+def cmd_augment_expand(args: argparse.Namespace) -> int:
+    from digitkit import augment, data
+
+    cfg = augment.load_recipe(args.recipe)
+    train = data.load_split(args.data_dir, "train", verify=True)
+    test = data.load_split(args.data_dir, "test", verify=True)
+    images, labels = augment.expand(train.images, train.labels, cfg, args.factor, seed=args.seed)
+    out = Path(args.out)
+    data.save_split(data.Dataset(images, labels, train.classes, str(out)), out, "train")
+    # The test set is copied unchanged so the folder works as a --data-dir; it is never augmented.
+    data.save_split(test, out, "test")
+    src_classes = Path(args.data_dir) / data.CLASSES_FILE
+    if src_classes.is_file():
+        (out / data.CLASSES_FILE).write_text(src_classes.read_text())
+    data.write_sums(out)
+    print(f"wrote {out}: {len(labels):,} training images ({len(train):,} originals + {args.factor - 1} augmented "
+          f"copies with recipe {args.recipe}), test set unchanged; train on it with --data-dir {out}")  # fmt: skip
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- models
+def cmd_models(args: argparse.Namespace) -> int:
+    from digitkit.models import (
+        count_macs,
+        count_params,
+        create_model,
+        list_models,
+        model_description,
+        model_options,
+    )
+
+    rows = []
+    for name in list_models():
+        model = create_model(name)
+        rows.append({"name": name, "params": count_params(model), "macs": count_macs(model),
+                     "options": model_options(name), "description": model_description(name)})  # fmt: skip
+    if args.json:
+        print(json.dumps(rows, default=list))
+        return 0
+    print(f"{'model':12s} {'params':>10s} {'MACs/image':>12s}  description")
+    for r in rows:
+        print(f"{r['name']:12s} {r['params']:>10,d} {r['macs']:>12,d}  {r['description']}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="digitkit", description="Train handwritten-digit recognizers.")
+    p.add_argument("--version", action="version", version=f"digitkit {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train a model into a run folder")
+    t.add_argument("--config", help="YAML config (configs/default.yaml, configs/fast.yaml, ...)")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. train.lr=3e-3")
+    t.add_argument("--data-dir", help="folder with the four IDX files (default: the config's data.dir)")
+    t.add_argument("--out", help="run folder (default: runs/<time>-<model>, with runs/latest pointing to it)")
+    t.add_argument("--runs-root", default="runs", help=argparse.SUPPRESS)
+    t.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last epoch checkpoint")
+    t.add_argument("--quiet", action="store_true", help="no progress bar or epoch lines")
+    t.add_argument("--progress", action="store_true", help="show the progress bar even when not on a terminal")
+    t.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    t.add_argument("--stop-after-epochs", type=int, help=argparse.SUPPRESS)
+    t.set_defaults(func=cmd_train)
+
+    d = sub.add_parser("data", help="inspect, verify, preview or download datasets")
+    dsub = d.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    for name, func, helptext in (
+        ("info", cmd_data_info, "counts per class and pixel statistics"),
+        ("verify", cmd_data_verify, "check every file's structure and checksum"),
+        ("preview", cmd_data_preview, "a grid of images per class"),
+    ):
+        a = dsub.add_parser(name, help=helptext)
+        a.add_argument("--data-dir", default=DEFAULT_DATA)
+        a.set_defaults(func=func)
+        if name == "info":
+            a.add_argument("--json", action="store_true")
+        if name == "preview":
+            a.add_argument("--out", required=True, help="PNG file to write")
+            a.add_argument("--split", choices=("train", "test"), default="train")
+            a.add_argument("--per-class", type=_positive, default=10)
+            a.add_argument("--seed", type=int, default=0)
+    dl = dsub.add_parser("download", help="download MNIST from the public mirrors, verified by checksum")
+    dl.add_argument("--out", required=True, help="folder to write the four files and SHA256SUMS.raw into")
+    dl.add_argument("--mirror", action="append", help="base URL to try (repeatable); default: the known mirrors")
+    dl.add_argument("--cache-dir", help="download cache (default: $DIGITKIT_CACHE or ~/.cache/digitkit)")
+    dl.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
+    dl.set_defaults(func=cmd_data_download)
+
+    a = sub.add_parser("augment", help="list, preview or apply augmentation recipes")
+    asub = a.add_subparsers(dest="augment_command", required=True, metavar="ACTION")
+    asub.add_parser("list", help="the shipped recipes").set_defaults(func=cmd_augment_list)
+    pv = asub.add_parser("preview", help="originals beside augmented copies, to check digits stay legible")
+    pv.add_argument("--recipe", required=True, help="recipe name or YAML file")
+    pv.add_argument("--out", required=True, help="PNG file to write")
+    pv.add_argument("--n", type=_positive, default=8, help="originals")
+    pv.add_argument("--copies", type=_positive, default=8, help="augmented copies of each")
+    pv.add_argument("--seed", type=int, default=0)
+    pv.add_argument("--data-dir", default=DEFAULT_DATA)
+    pv.set_defaults(func=cmd_augment_preview)
+    ex = asub.add_parser("expand", help="write an expanded training set as IDX files (offline augmentation)")
+    ex.add_argument("--recipe", required=True, help="recipe name or YAML file")
+    ex.add_argument("--factor", type=_positive, required=True, help="output size as a multiple of the input")
+    ex.add_argument("--out", required=True, help="folder to write; use it later as --data-dir")
+    ex.add_argument("--seed", type=int, default=0)
+    ex.add_argument("--data-dir", default=DEFAULT_DATA)
+    ex.set_defaults(func=cmd_augment_expand)
+
+    m = sub.add_parser("models", help="registered models with parameters and multiply-adds per image")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(func=cmd_models)
+    return p
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except DigitkitError as e:
+        print(f"digitkit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("digitkit: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""One typed config for a run: dataclasses with every default in one place, YAML in and out, dotted overrides.
+
+Unknown keys and wrong types are errors, never silently ignored: a typo in a config must not train the wrong
+model. A run folder's `config.yaml` is the fully resolved config, so `--config RUN/config.yaml` reproduces it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from digitkit import augment
+from digitkit.errors import ConfigError
+from digitkit.models import model_options
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("none", "plateau", "onecycle", "cosine")
+
+
+@dataclass
+class DataConfig:
+    dir: str = "data/mnist"
+    """Folder with the four IDX files (train/t10k images/labels), raw or .gz."""
+    val_fraction: float = 0.1
+    """Share of each class of the training set held out for validation (stratified, seeded)."""
+    verify: bool = True
+    """Check SHA-256 sums from the folder's SHA256SUMS.raw before training."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(
+                f"data.val_fraction = {self.val_fraction}: expected a fraction in (0, 1); validation is what "
+                "picks the checkpoint, so it cannot be empty (the test set is never used for that)"
+            )
+
+
+@dataclass
+class ModelConfig:
+    name: str = "cnn3"
+    """A registered model (`digitkit models` lists them)."""
+    args: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the model's constructor, e.g. {dropout: 0.2}."""
+
+    def __post_init__(self) -> None:
+        # Fail at load time, before minutes of data loading, on a misspelt model or option.
+        options = model_options(self.name)
+        unknown = sorted(set(self.args) - set(options))
+        if unknown:
+            raise ConfigError(
+                f"model.args.{unknown[0]}: model {self.name!r} has no such option; its options are: "
+                f"{', '.join(f'{k}={v}' for k, v in options.items()) or 'none'}"
+            )
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 128
+    optimizer: str = "adamw"
+    """adam, adamw or sgd (with momentum, Nesterov)."""
+    lr: float = 2e-3
+    """Learning rate; the peak rate for the one-cycle schedule."""
+    weight_decay: float = 5e-4
+    """L2 penalty for adam/sgd, decoupled weight decay for adamw."""
+    momentum: float = 0.9
+    label_smoothing: float = 0.0
+    schedule: str = "onecycle"
+    """none, plateau (halve after plateau_patience_epochs without val-loss improvement), onecycle or cosine."""
+    plateau_factor: float = 0.5
+    plateau_patience_epochs: int = 3
+    onecycle_pct_start: float = 0.25
+    early_stopping_patience_epochs: int = 5
+    """Stop after this many epochs without val-loss improvement; 0 turns early stopping off."""
+    eval_batch_size: int = 1000
+    device: str = "auto"
+    """auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps."""
+    amp: bool = True
+    """Mixed precision (bfloat16 autocast) where the device supports it; ignored on CPU."""
+    threads: int = 0
+    """CPU threads for torch; 0 uses every core."""
+    channels_last: bool = True
+    """NHWC memory layout: faster convolutions on CPU (measured in benchmarks/train_speed.py)."""
+
+    def __post_init__(self) -> None:
+        _choice("train.optimizer", self.optimizer, OPTIMIZERS)
+        _choice("train.schedule", self.schedule, SCHEDULES)
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} = {getattr(self, name)}: expected a positive integer")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr = {self.lr}: expected a positive learning rate such as 1e-3")
+        if self.weight_decay < 0 or not 0 <= self.label_smoothing < 1:
+            raise ConfigError("train.weight_decay must be >= 0 and train.label_smoothing in [0, 1)")
+        if self.early_stopping_patience_epochs < 0 or self.plateau_patience_epochs < 0:
+            raise ConfigError("train.*_patience_epochs must be >= 0 (0 turns early stopping off)")
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    augment: augment.AugmentConfig = field(default_factory=augment.AugmentConfig)
+    """A recipe name plus per-op overrides: {recipe: standard, rotation: {p: 0.5}}; see `digitkit augment list`."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key} = {value!r}: expected one of {', '.join(allowed)}")
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    """Build a Config from plain data (as loaded from YAML), strictly."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config: expected a mapping at the top level, got {type(raw).__name__}")
+    return _build(Config, raw, "")
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if cls is augment.AugmentConfig:
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{prefix}: expected a mapping like {{recipe: standard}}, got {raw!r}")
+        return augment.config_from_dict(raw)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix}: expected a mapping of keys, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        where = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ConfigError(f"unknown config key {where!r}; valid keys here: {', '.join(names)}")
+    values = {}
+    for name, value in raw.items():
+        key = f"{prefix}.{name}" if prefix else name
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, value, key)
+        else:
+            values[name] = _coerce(key, value, hint)
+    return cls(**values)
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    origin = typing.get_origin(hint) or hint
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is not type(None):
+                return _coerce(key, value, arg)
+    if origin is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if origin is float and isinstance(value, str):
+        # PyYAML (YAML 1.1) reads "3e-3" as a string; it is the way people write learning rates.
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if origin is typing.Any or (isinstance(origin, type) and isinstance(value, origin)):
+        if not (origin is int and isinstance(value, bool)):
+            return value
+    raise ConfigError(f"config key {key!r} = {value!r}: expected {getattr(origin, '__name__', origin)}")
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain data for YAML; the augmentation is written out in full so the run does not depend on recipes."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, augment.AugmentConfig):
+            out[f.name] = augment.config_to_dict(value)
+        elif dataclasses.is_dataclass(value):
+            out[f.name] = dataclasses.asdict(value)
+        else:
+            out[f.name] = value
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.lr=3e-3` -> (['train', 'lr'], 0.003); the value is parsed as YAML (numbers, bools, lists)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. train.lr=3e-3")
+    key, value = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {text!r}: bad key {key!r}; expected dotted keys like train.lr")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    return parts, parsed
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = raw
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {part!r} is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or the defaults if `path` is None) and apply `--set` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found; the shipped ones are in configs/") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raw = loaded or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level (seed:, data:, model:, train: ...)")
+    try:
+        return from_dict(apply_overrides(raw, overrides or []))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+
+
+def save(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,223 @@
+"""Datasets in memory: IDX folders -> uint8 tensors, checksum verification, stratified splits.
+
+A data folder holds four IDX files named like MNIST's (`train-images-idx3-ubyte`, `train-labels-idx1-ubyte`,
+`t10k-images-idx3-ubyte`, `t10k-labels-idx1-ubyte`, each raw or .gz; EMNIST-style prefixes such as
+`emnist-letters-train-images-idx3-ubyte` and `test` for `t10k` are accepted too). Optional files:
+`SHA256SUMS.raw` (sha256sum format, over the *uncompressed* bytes) is checked when present, and
+`classes.txt` (one class name per line) names the classes. Nothing here assumes ten classes or 28x28.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from digitkit import idx
+from digitkit.errors import DataError
+
+SUMS_FILE = "SHA256SUMS.raw"
+CLASSES_FILE = "classes.txt"
+_ROLE_PATTERNS = {
+    ("train", "images"): r"(^|[-_.])train-images-idx3-ubyte(\.gz)?$",
+    ("train", "labels"): r"(^|[-_.])train-labels-idx1-ubyte(\.gz)?$",
+    ("test", "images"): r"(^|[-_.])(t10k|test)-images-idx3-ubyte(\.gz)?$",
+    ("test", "labels"): r"(^|[-_.])(t10k|test)-labels-idx1-ubyte(\.gz)?$",
+}
+
+
+@dataclass
+class Dataset:
+    """A labelled image set held in memory: images (N, 1, H, W) uint8, labels (N,) int64."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: list[str]
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.ndim != 4 or self.images.shape[1] != 1:
+            raise DataError(f"{self.source}: images must be (N, 1, H, W) uint8, got {tuple(self.images.shape)}")
+        if len(self.images) != len(self.labels):
+            raise DataError(
+                f"{self.source}: {len(self.images)} images but {len(self.labels)} labels; "
+                "the image and label files do not belong together"
+            )
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def subset(self, index: torch.Tensor) -> Dataset:
+        return Dataset(self.images[index], self.labels[index], self.classes, self.source)
+
+    def class_counts(self) -> list[int]:
+        return torch.bincount(self.labels, minlength=self.num_classes).tolist()
+
+
+def find_files(data_dir: Path) -> dict[tuple[str, str], Path]:
+    """Map (split, kind) -> file for the four IDX files in `data_dir`; a clear error if any is missing."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DataError(
+            f"{data_dir}: data folder not found; expected a folder with the four MNIST-style IDX files "
+            "(train-images-idx3-ubyte.gz, ...); run `digitkit data download --out DIR` or pass --data-dir"
+        )
+    names = sorted(p.name for p in data_dir.iterdir() if p.is_file())
+    found: dict[tuple[str, str], Path] = {}
+    for role, pattern in _ROLE_PATTERNS.items():
+        hits = [n for n in names if re.search(pattern, n)]
+        # Prefer the raw file when both raw and .gz exist: same bytes, faster to read.
+        hits.sort(key=lambda n: (n.endswith(".gz"), n))
+        if not hits:
+            want = "-".join(["t10k" if role[0] == "test" else "train", role[1]])
+            raise DataError(
+                f"{data_dir}: no {role[0]} {role[1]} file (expected a name like "
+                f"{want}-idx{3 if role[1] == 'images' else 1}-ubyte[.gz]); found: {', '.join(names) or 'nothing'}"
+            )
+        found[role] = data_dir / hits[0]
+    return found
+
+
+def read_sums(path: Path) -> dict[str, str]:
+    """Parse a sha256sum-format file into {file name without .gz: hex digest}."""
+    sums = {}
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        parts = line.split()
+        if len(parts) != 2 or not re.fullmatch(r"[0-9a-fA-F]{64}", parts[0]):
+            raise DataError(f"{path}:{n}: expected '<sha256>  <file name>', got {line!r}")
+        sums[parts[1].lstrip("*").removesuffix(".gz")] = parts[0].lower()
+    return sums
+
+
+def expected_sums(data_dir: Path) -> dict[str, str]:
+    # Without a sums file only the structure is checked: Fashion-MNIST reuses MNIST's file names, so MNIST's
+    # sums cannot be assumed. The shipped data/mnist and every folder digitkit writes carry one.
+    sums_path = Path(data_dir) / SUMS_FILE
+    return read_sums(sums_path) if sums_path.is_file() else {}
+
+
+def load_split(data_dir: str | Path, split: str, verify: bool = True) -> Dataset:
+    """Load the `train` or `test` split of an IDX folder as uint8 tensors, checking checksums if known."""
+    if split not in ("train", "test"):
+        raise DataError(f"unknown split {split!r}; expected 'train' or 'test'")
+    data_dir = Path(data_dir)
+    files = find_files(data_dir)
+    sums = expected_sums(data_dir) if verify else {}
+    images = _read_checked(files[(split, "images")], sums)
+    labels = _read_checked(files[(split, "labels")], sums)
+    if images.ndim != 3:
+        raise DataError(f"{files[(split, 'images')]}: expected (N, H, W) images, got shape {images.shape}")
+    if labels.ndim != 1 or labels.dtype != np.uint8:
+        raise DataError(f"{files[(split, 'labels')]}: expected (N,) uint8 labels, got {labels.dtype} {labels.shape}")
+    classes = class_names(data_dir)
+    if len(labels) and labels.max() >= len(classes):
+        raise DataError(
+            f"{files[(split, 'labels')]}: label {int(labels.max())} but only {len(classes)} classes are named "
+            f"in {data_dir / CLASSES_FILE}; add the missing names"
+        )
+    x = torch.from_numpy(images).unsqueeze(1)
+    y = torch.from_numpy(labels.astype(np.int64))
+    return Dataset(x, y, classes, source=str(files[(split, "images")]))
+
+
+def class_names(data_dir: Path) -> list[str]:
+    """Class names from classes.txt if present, else '0'..'K-1' where K = 1 + the largest training label."""
+    path = Path(data_dir) / CLASSES_FILE
+    if path.is_file():
+        names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if len(names) < 2 or len(set(names)) != len(names):
+            raise DataError(f"{path}: expected at least two distinct class names, one per line")
+        return names
+    labels = idx.read(find_files(data_dir)[("train", "labels")])
+    return [str(i) for i in range(int(labels.max()) + 1)]
+
+
+def _read_checked(path: Path, sums: dict[str, str]) -> np.ndarray:
+    key = path.name.removesuffix(".gz")
+    return idx.read(path, expected_sha256=sums.get(key))
+
+
+def verify_dir(data_dir: str | Path) -> dict[str, str]:
+    """Check every IDX file of a folder; returns {file: 'ok (checksum)' | 'ok (structure only)'} or raises."""
+    data_dir = Path(data_dir)
+    sums = expected_sums(data_dir)
+    status = {}
+    for path in find_files(data_dir).values():
+        _read_checked(path, sums)
+        status[path.name] = "ok (sha256)" if path.name.removesuffix(".gz") in sums else "ok (no checksum known)"
+    return status
+
+
+def stratified_split(labels: torch.Tensor, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (train, val): each class keeps `val_fraction` of its samples in val (rounded), seeded."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"val_fraction = {val_fraction}: expected a fraction in [0, 1)")
+    g = torch.Generator().manual_seed(seed)
+    train_parts, val_parts = [], []
+    for c in torch.unique(labels).tolist():
+        members = torch.nonzero(labels == c).flatten()
+        members = members[torch.randperm(len(members), generator=g)]
+        n_val = int(round(len(members) * val_fraction))
+        val_parts.append(members[:n_val])
+        train_parts.append(members[n_val:])
+    train_idx, val_idx = torch.cat(train_parts).sort().values, torch.cat(val_parts).sort().values
+    return train_idx, val_idx
+
+
+def stratified_kfold(labels: torch.Tensor, folds: int, seed: int) -> list[torch.Tensor]:
+    """`folds` disjoint index sets covering every sample, each class spread evenly over the folds."""
+    if folds < 2:
+        raise DataError(f"folds = {folds}: expected at least 2")
+    g = torch.Generator().manual_seed(seed)
+    assignment = torch.empty_like(labels)
+    offset = 0
+    for c in torch.unique(labels).tolist():
+        members = torch.nonzero(labels == c).flatten()
+        members = members[torch.randperm(len(members), generator=g)]
+        # Continue the round-robin across classes so fold sizes differ by at most one overall.
+        assignment[members] = (torch.arange(len(members)) + offset) % folds
+        offset += len(members)
+    return [torch.nonzero(assignment == k).flatten() for k in range(folds)]
+
+
+def pixel_stats(images: torch.Tensor) -> tuple[float, float]:
+    """Mean and std of pixel values scaled to [0, 1], computed in chunks to keep memory flat."""
+    total, total_sq, n = 0.0, 0.0, 0
+    for chunk in images.split(8192):
+        x = chunk.double().div_(255)
+        total += x.sum().item()
+        total_sq += x.square().sum().item()
+        n += x.numel()
+    mean = total / max(n, 1)
+    return mean, max(total_sq / max(n, 1) - mean * mean, 0.0) ** 0.5
+
+
+def save_split(dataset: Dataset, data_dir: Path, split: str, compress: bool = True) -> list[Path]:
+    """Write a dataset as MNIST-style IDX files (train-* or t10k-*) that load_split reads back."""
+    prefix = "train" if split == "train" else "t10k"
+    suffix = ".gz" if compress else ""
+    paths = [
+        idx.write(Path(data_dir) / f"{prefix}-images-idx3-ubyte{suffix}", dataset.images[:, 0].numpy()),
+        idx.write(Path(data_dir) / f"{prefix}-labels-idx1-ubyte{suffix}", dataset.labels.to(torch.uint8).numpy()),
+    ]
+    return paths
+
+
+def write_sums(data_dir: Path) -> Path:
+    """Write SHA256SUMS.raw for every IDX file in a folder, so it verifies like the shipped MNIST copy."""
+    data_dir = Path(data_dir)
+    lines = []
+    for path in sorted(find_files(data_dir).values()):
+        lines.append(f"{idx.sha256(idx.read_bytes(path))}  {path.name.removesuffix('.gz')}\n")
+    out = data_dir / SUMS_FILE
+    idx.atomic_write_bytes(out, "".join(lines).encode())
+    return out

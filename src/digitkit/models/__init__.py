@@ -1,0 +1,26 @@
+"""Model registry: `create_model(name, **kw)`, `list_models()`; each model splits into features and head."""
+
+from digitkit.models.registry import (
+    DigitModel,
+    count_macs,
+    count_params,
+    create_model,
+    list_models,
+    model_description,
+    model_options,
+    register_model,
+)
+
+# Importing the families registers their models.
+from digitkit.models import cnn, mlp  # noqa: E402, F401  isort: skip
+
+__all__ = [
+    "DigitModel",
+    "count_macs",
+    "count_params",
+    "create_model",
+    "list_models",
+    "model_description",
+    "model_options",
+    "register_model",
+]

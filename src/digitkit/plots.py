@@ -1,0 +1,415 @@
+"""Figures and image grids: the only module in digitkit that writes pictures.
+
+Training curves and confusion matrices are drawn with matplotlib's object-oriented API (``Figure`` +
+``FigureCanvasAgg``), which never touches pyplot's global figure registry or backend: nothing to close,
+nothing that grows across calls, safe in servers and tests. Image grids are plain numpy + PIL so their pixel
+layout is exact arithmetic (see ``image_grid``). Every ``save_*`` function creates parent folders and writes
+atomically.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import uuid
+from collections.abc import Callable
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from PIL import Image, ImageDraw, ImageFont
+
+PAD_GRAY = 96  # grid padding: clearly neither the black background nor the white strokes of a digit
+LABEL_FILL = 255
+SEPARATOR_RGB = (230, 120, 30)  # orange: cannot be mistaken for a digit stroke or for padding
+SEPARATOR_PX = 4
+MAX_ANNOTATED_CLASSES = 20  # above this, per-cell numbers in a confusion matrix are unreadable
+HISTORY_KEYS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# saving
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp)`` on a temp file next to ``path`` then rename it: a crash never leaves half a file.
+
+    The temp name keeps ``path``'s suffix so PIL and matplotlib pick the format from it as usual.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Not tempfile.mkstemp: it creates the file 0600 and os.replace would keep that; the writer creates it
+    # with the usual umask-respecting mode instead.
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}{path.suffix}")
+    try:
+        write(str(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _save_figure(fig: Figure, path: Path) -> Path:
+    FigureCanvasAgg(fig)  # attaches itself to fig; no pyplot, so the figure is freed with its last reference
+    return _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# training history
+
+
+def save_history(rows: list[dict], path: Path, title: str | None = None) -> Path:
+    """Plot per-epoch loss and accuracy (train and val) and mark the epoch with the lowest val loss.
+
+    ``rows``: one dict per epoch with ``epoch`` (1-based), ``train_loss``, ``train_acc``, ``val_loss``,
+    ``val_acc`` (accuracies as fractions in [0, 1]); ``lr`` is optional and, when it changes during the run,
+    gets its own thin panel underneath. Other keys (e.g. ``seconds``) are ignored. NaN values are skipped.
+    """
+    if not rows:
+        raise ValueError(
+            "save_history got no rows; expected one dict per epoch with keys " + ", ".join(HISTORY_KEYS)
+        )
+    for i, row in enumerate(rows):
+        missing = [k for k in HISTORY_KEYS if k not in row]
+        if missing:
+            raise ValueError(f"history row {i} is missing {missing}; every row needs {list(HISTORY_KEYS)}")
+    rows = sorted(rows, key=lambda r: r["epoch"])
+    col = {k: np.array([float(r[k]) for r in rows]) for k in HISTORY_KEYS}
+    epoch = col["epoch"]
+    for k in ("train_acc", "val_acc"):
+        if np.nanmax(col[k]) > 1.0 + 1e-9:
+            raise ValueError(
+                f"{k} goes up to {np.nanmax(col[k]):g}, but accuracies must be fractions in [0, 1]; "
+                "if they are percentages, divide by 100"
+            )
+    lr = np.array([float(r.get("lr", np.nan)) for r in rows])
+    finite_lr = lr[np.isfinite(lr)]
+    show_lr = finite_lr.size > 1 and not np.allclose(finite_lr, finite_lr[0])
+
+    fig = Figure(figsize=(11, 5.6 if show_lr else 4.4), layout="constrained")
+    if show_lr:
+        grid = fig.add_gridspec(2, 2, height_ratios=(4, 1))
+        ax_loss, ax_acc = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1])
+        ax_lr = fig.add_subplot(grid[1, :], sharex=ax_loss)
+    else:
+        ax_loss, ax_acc = fig.subplots(1, 2)
+        ax_lr = None
+    style = {"marker": "o", "markersize": 3} if len(rows) <= 30 else {}
+
+    ax_loss.plot(epoch, col["train_loss"], label="train", color="C0", **style)
+    ax_loss.plot(epoch, col["val_loss"], label="val", color="C1", **style)
+    ax_loss.set(title="loss", xlabel="epoch", ylabel="loss")
+    losses = np.concatenate([col["train_loss"], col["val_loss"]])
+    losses = losses[np.isfinite(losses)]
+    # Losses fall by orders of magnitude; on a linear axis the late epochs, the ones that matter, look flat.
+    if losses.size and losses.min() > 0 and losses.max() / losses.min() > 10:
+        ax_loss.set_yscale("log")
+
+    ax_acc.plot(epoch, 100 * col["train_acc"], label="train", color="C0", **style)
+    ax_acc.plot(epoch, 100 * col["val_acc"], label="val", color="C1", **style)
+    ax_acc.set(title="accuracy", xlabel="epoch", ylabel="accuracy (%)")
+
+    if np.isfinite(col["val_loss"]).any():
+        best = int(np.nanargmin(col["val_loss"]))
+        best_epoch = int(epoch[best])
+        label = f"best val loss {col['val_loss'][best]:.4g} @ epoch {best_epoch}"
+        if np.isfinite(col["val_acc"][best]):
+            label += f"\nval acc there {100 * col['val_acc'][best]:.2f}%"
+        for ax in (ax_loss, ax_acc, ax_lr):
+            if ax is not None:
+                ax.axvline(best_epoch, color="0.35", linestyle="--", linewidth=1)
+        ax_loss.plot([], [], color="0.35", linestyle="--", linewidth=1, label=label)  # legend entry only
+        ax_acc.plot(
+            [], [], color="0.35", linestyle="--", linewidth=1, label=f"best val loss (epoch {best_epoch})"
+        )
+
+    if ax_lr is not None:
+        ax_lr.plot(epoch, lr, color="C2", **style)
+        ax_lr.set(xlabel="epoch", ylabel="lr")
+        if finite_lr.min() > 0 and finite_lr.max() / finite_lr.min() > 20:
+            ax_lr.set_yscale("log")
+        ax_loss.set_xlabel("")
+        ax_acc.set_xlabel("")
+    else:
+        if finite_lr.size:
+            ax_acc.set_title(f"accuracy  (lr {finite_lr[0]:.3g} throughout)")
+
+    for ax in (ax_loss, ax_acc, ax_lr):
+        if ax is not None:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.grid(alpha=0.3)
+    if len(rows) == 1:  # a single point: give it some room instead of matplotlib's +-5% of nothing
+        ax_loss.set_xlim(epoch[0] - 1, epoch[0] + 1)
+        ax_acc.set_xlim(epoch[0] - 1, epoch[0] + 1)
+    ax_loss.legend(fontsize=8)
+    ax_acc.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    return _save_figure(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# confusion matrix
+
+
+def _check_confusion(cm: np.ndarray, class_names: list[str]) -> np.ndarray:
+    cm = np.asarray(cm)
+    if cm.ndim != 2 or cm.shape[0] != cm.shape[1]:
+        raise ValueError(
+            "confusion matrix must be square (K, K) with rows = true class and columns = predicted class; "
+            f"got shape {cm.shape}"
+        )
+    if cm.shape[0] < 1:
+        raise ValueError("confusion matrix is empty; expected at least one class")
+    if not np.issubdtype(cm.dtype, np.number) or not np.isfinite(cm).all() or (cm < 0).any():
+        raise ValueError("confusion matrix must hold non-negative finite counts")
+    if (cm != np.round(cm)).any():
+        raise ValueError(
+            "confusion matrix must hold whole counts, not rates; pass the counts, the % are derived"
+        )
+    if len(class_names) != cm.shape[0]:
+        raise ValueError(
+            f"got {len(class_names)} class names for a {cm.shape[0]}x{cm.shape[0]} confusion matrix"
+        )
+    return cm.astype(np.int64)
+
+
+def _confusion_panel(
+    fig: Figure,
+    ax: Axes,
+    values: np.ndarray,
+    vmax_diag: float,
+    annotate: Callable[[int, int], str] | None,
+    unit: str,
+) -> None:
+    """Draw one (K, K) panel. The diagonal and the errors get separate colour maps.
+
+    Why: on MNIST the diagonal holds ~1000 per class and the errors 0-20. On one linear scale every error is
+    white; on a log scale the eye still compares errors against the diagonal. Giving the errors their own map,
+    scaled to the largest error, makes the worst confusion the darkest red and any non-zero error visible,
+    while the diagonal (blue) reads as "correct" at a glance.
+    """
+    k = values.shape[0]
+    diag = np.eye(k, dtype=bool)
+    off = np.ma.masked_where(diag, values)
+    on = np.ma.masked_where(~diag, values)
+    off_max = float(off.max()) if off.count() and off.max() > 0 else 1.0
+    im_off = ax.imshow(off, cmap="Reds", norm=Normalize(0, off_max), interpolation="nearest")
+    im_on = ax.imshow(on, cmap="Blues", norm=Normalize(0, vmax_diag), interpolation="nearest")
+
+    fontsize = 9 if k <= 10 else 7 if k <= 15 else 6
+    if annotate is not None:
+        for i in range(k):
+            for j in range(k):
+                text = annotate(i, j)
+                if not text:
+                    continue
+                level = values[i, j] / (vmax_diag if i == j else off_max)
+                ax.text(
+                    j,
+                    i,
+                    text,
+                    ha="center",
+                    va="center",
+                    fontsize=fontsize,
+                    color="white" if level > 0.55 else "black",
+                )
+
+    tick_size = 9 if k <= 15 else 7 if k <= 30 else 6
+    ax.set_xticks(range(k))
+    ax.set_yticks(range(k))
+    ax.tick_params(labelsize=tick_size, length=2)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    cb_off = fig.colorbar(im_off, ax=ax, fraction=0.04, pad=0.02)
+    cb_off.set_label(f"errors ({unit})", fontsize=8)
+    cb_on = fig.colorbar(im_on, ax=ax, fraction=0.04, pad=0.02)
+    cb_on.set_label(f"correct ({unit})", fontsize=8)
+    for cb in (cb_off, cb_on):
+        cb.ax.tick_params(labelsize=7)
+
+
+def save_confusion(cm: np.ndarray, class_names: list[str], path: Path, title: str | None = None) -> Path:
+    """Save a two-panel confusion matrix: counts, and percentages of each true class (row).
+
+    ``cm``: (K, K) counts, rows = true class, columns = predicted class, 1 <= K (tested up to 47).
+    Cells are annotated for K <= 20; for larger K only colours and colour bars remain.
+    """
+    cm = _check_confusion(cm, class_names)
+    k = cm.shape[0]
+    row_sum = cm.sum(axis=1, keepdims=True)
+    pct = np.divide(100.0 * cm, row_sum, out=np.zeros(cm.shape), where=row_sum > 0)
+    annotated = k <= MAX_ANNOTATED_CLASSES
+
+    def count_text(i: int, j: int) -> str:
+        return str(cm[i, j])
+
+    def pct_text(i: int, j: int) -> str:
+        if cm[i, j] == 0:
+            return ""  # zeros are the majority of cells; leaving them blank makes the errors stand out
+        return "<0.1" if pct[i, j] < 0.05 else f"{pct[i, j]:.1f}"
+
+    side = max(4.2, 0.42 * k) if annotated else max(4.2, 0.24 * k)
+    # each panel carries two colour bars (~1.7 in); without that width the square heatmaps shrink
+    fig = Figure(figsize=(2 * (side + 1.7), side + 1.1), layout="constrained")
+    ax_count, ax_pct = fig.subplots(1, 2)
+    _confusion_panel(
+        fig,
+        ax_count,
+        cm.astype(float),
+        max(1.0, float(np.diag(cm).max())),
+        count_text if annotated else None,
+        "count",
+    )
+    _confusion_panel(fig, ax_pct, pct, 100.0, pct_text if annotated else None, "% of row")
+    ax_count.set_title("counts")
+    ax_pct.set_title("% of true class (diagonal = recall)")
+    for ax in (ax_count, ax_pct):
+        ax.set_xticklabels(class_names, rotation=90 if k > 10 or max(map(len, class_names)) > 3 else 0)
+        ax.set_yticklabels(class_names)
+
+    total = int(cm.sum())
+    accuracy = f"accuracy {100 * np.trace(cm) / total:.2f}% of n={total}" if total else "no samples"
+    fig.suptitle(f"{title}\n{accuracy}" if title else accuracy)
+    return _save_figure(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# image grids
+
+
+@lru_cache(maxsize=1)
+def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    return ImageFont.load_default()
+
+
+def _text_height() -> int:
+    """Height of a text band: the default font's tallest glyph box plus a pixel above and below."""
+    return int(_font().getbbox("0Ag|")[3]) + 2
+
+
+def _as_image_stack(images: np.ndarray, name: str) -> np.ndarray:
+    """(N, H, W) uint8; a (N, 1, H, W) batch is accepted and squeezed since that is how models see digits."""
+    x = np.asarray(images)
+    if x.ndim == 4 and x.shape[1] == 1:
+        x = x[:, 0]
+    if x.ndim != 3 or x.shape[0] == 0:
+        raise ValueError(f"{name} must be a non-empty (N, H, W) stack of images; got shape {x.shape}")
+    if x.dtype != np.uint8:
+        raise ValueError(
+            f"{name} must be uint8 (0 = background, 255 = stroke); got {x.dtype}. "
+            "For floats in [0, 1] pass (x * 255).round().astype(np.uint8)"
+        )
+    return x
+
+
+def _fit_text(draw: ImageDraw.ImageDraw, text: str, width: int) -> str:
+    """``text`` cut to ``width`` pixels; arrows spelled in ASCII, which PIL's built-in font lacks."""
+    text = text.replace("\u2192", "->").replace("\u2190", "<-")
+    while len(text) > 1 and draw.textlength(text, font=_font()) > width:
+        text = text[:-1]
+    return text
+
+
+def image_grid(
+    images: np.ndarray, nrow: int, pad: int = 2, scale: int = 2, labels: list[str] | None = None
+) -> Image.Image:
+    """Tile (N, H, W) uint8 images into one 'L' image, ``nrow`` images per row, padding in gray.
+
+    Each cell is upscaled by ``scale`` (nearest neighbour). With ``labels``, a text band of height
+    ``T`` (the default font's line height) sits above each cell. With ``c = min(nrow, N)`` columns and
+    ``r = ceil(N / c)`` rows the result is exactly ``width = pad + c * (W * scale + pad)`` by
+    ``height = pad + r * (T + H * scale + pad)``, T = 0 without labels.
+    Image i sits in row ``i // c``, column ``i % c``; unused trailing cells are padding.
+    """
+    x = _as_image_stack(images, "images")
+    n, h, w = x.shape
+    if nrow < 1 or scale < 1 or pad < 0:
+        raise ValueError(f"need nrow >= 1, scale >= 1, pad >= 0; got nrow={nrow}, scale={scale}, pad={pad}")
+    if labels is not None and len(labels) != n:
+        raise ValueError(f"got {len(labels)} labels for {n} images; pass one label per image or none")
+    cols = min(nrow, n)
+    rows = math.ceil(n / cols)
+    cell_h, cell_w = h * scale, w * scale
+    text_h = _text_height() if labels is not None else 0
+
+    canvas = np.full((pad + rows * (text_h + cell_h + pad), pad + cols * (cell_w + pad)), PAD_GRAY, np.uint8)
+    big = x.repeat(scale, axis=1).repeat(scale, axis=2)
+    for i in range(n):
+        r, c = divmod(i, cols)
+        top = pad + r * (text_h + cell_h + pad) + text_h
+        left = pad + c * (cell_w + pad)
+        canvas[top : top + cell_h, left : left + cell_w] = big[i]
+    grid = Image.fromarray(canvas, mode="L")
+
+    if labels is not None:
+        draw = ImageDraw.Draw(grid)
+        for i, label in enumerate(labels):
+            r, c = divmod(i, cols)
+            text = _fit_text(draw, str(label), cell_w + pad)
+            centre_x = pad + c * (cell_w + pad) + cell_w / 2
+            band_top = pad + r * (text_h + cell_h + pad)
+            draw.text((centre_x, band_top + text_h / 2), text, fill=LABEL_FILL, font=_font(), anchor="mm")
+    return grid
+
+
+def save_image_grid(
+    images: np.ndarray,
+    path: Path,
+    nrow: int,
+    *,
+    pad: int = 2,
+    scale: int = 2,
+    labels: list[str] | None = None,
+) -> Path:
+    """``image_grid(images, nrow, pad, scale, labels)`` saved to ``path`` (format from the suffix)."""
+    grid = image_grid(images, nrow, pad=pad, scale=scale, labels=labels)
+    return _atomic_write(path, grid.save)
+
+
+def pairs_grid(originals: np.ndarray, augmented: np.ndarray, title: str | None = None) -> Image.Image:
+    """One row per original: the original, an orange separator bar, then its K augmented copies ('RGB').
+
+    ``originals`` (N, H, W) uint8, ``augmented`` (N, K, H, W) uint8. Built from two ``image_grid`` calls
+    (default pad 2, scale 2) joined by a ``SEPARATOR_PX`` bar; a title adds one text band on top.
+    """
+    x = _as_image_stack(originals, "originals")
+    aug = np.asarray(augmented)
+    n, h, w = x.shape
+    if aug.ndim != 4 or aug.shape[0] != n or aug.shape[2:] != (h, w) or aug.shape[1] == 0:
+        raise ValueError(
+            f"augmented must be (N, K, H, W) = ({n}, K>=1, {h}, {w}) to match originals of shape {x.shape}; "
+            f"got {aug.shape}"
+        )
+    k = aug.shape[1]
+    left = image_grid(x, nrow=1)
+    right = image_grid(_as_image_stack(aug.reshape(n * k, h, w), "augmented"), nrow=k)
+    title_h = _text_height() + 4 if title else 0
+
+    out = Image.new("RGB", (left.width + SEPARATOR_PX + right.width, title_h + left.height), (PAD_GRAY,) * 3)
+    out.paste(left.convert("RGB"), (0, title_h))
+    out.paste(Image.new("RGB", (SEPARATOR_PX, left.height), SEPARATOR_RGB), (left.width, title_h))
+    out.paste(right.convert("RGB"), (left.width + SEPARATOR_PX, title_h))
+    if title:
+        draw = ImageDraw.Draw(out)
+        draw.text(
+            (4, title_h / 2),
+            _fit_text(draw, title, out.width - 8),
+            fill=(255,) * 3,
+            font=_font(),
+            anchor="lm",
+        )
+    return out
+
+
+def save_pairs_grid(
+    originals: np.ndarray, augmented: np.ndarray, path: Path, title: str | None = None
+) -> Path:
+    """``pairs_grid(originals, augmented, title)`` saved to ``path``; used by ``digitkit augment preview``."""
+    return _atomic_write(path, pairs_grid(originals, augmented, title).save)

@@ -1,0 +1,170 @@
+"""Run folders: create one per run, train into it, evaluate its best checkpoint once, write the summary.
+
+runs/<YYYYmmdd-HHMMSS>-<model>/
+  config.yaml   the resolved config (reproduces the run)      metrics.csv   one row per epoch
+  best-*.pt     best checkpoint by validation accuracy        last.pt       resume state after the last epoch
+  history.png   loss and accuracy curves                      confusion.png test-set confusion (counts and %)
+  summary.json  model, params, epochs, seconds, val and test accuracy
+runs/latest -> the newest run
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from digitkit import __version__, checkpoint, config, data, plots
+from digitkit.config import Config
+from digitkit.errors import ConfigError, DataError
+from digitkit.evaluate import confusion_matrix, loss_and_accuracy, predict_logits
+from digitkit.idx import atomic_write_bytes
+from digitkit.models import count_macs, count_params, create_model
+from digitkit.train import LAST, Reporter, fit, pick_device
+
+DEFAULT_ROOT = Path("runs")
+
+
+def new_run_dir(root: Path, model_name: str) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    base = f"{time.strftime('%Y%m%d-%H%M%S')}-{model_name}"
+    for n in range(1, 1000):
+        path = root / (base if n == 1 else f"{base}-{n}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise DataError(f"{root}: could not create a new run folder named {base}-N")
+
+
+def point_latest(root: Path, run_dir: Path) -> None:
+    """runs/latest -> run_dir, replaced atomically so a reader never sees it missing."""
+    link = root / "latest"
+    tmp = root / f".latest.{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(run_dir.resolve().relative_to(root.resolve()) if run_dir.parent.resolve() == root.resolve()
+                   else run_dir.resolve())
+    os.replace(tmp, link)
+
+
+def load_data(cfg: Config) -> tuple[data.Dataset, data.Dataset, data.Dataset]:
+    """(train, val, test): a seeded stratified hold-out of the training files, and the sealed test files."""
+    full = data.load_split(cfg.data.dir, "train", verify=cfg.data.verify)
+    test = data.load_split(cfg.data.dir, "test", verify=cfg.data.verify)
+    train_idx, val_idx = data.stratified_split(full.labels, cfg.data.val_fraction, cfg.seed)
+    return full.subset(train_idx), full.subset(val_idx), test
+
+
+def train_run(
+    cfg: Config,
+    out: Path | None = None,
+    root: Path = DEFAULT_ROOT,
+    reporter: Reporter | None = None,
+    resume: Path | None = None,
+    stop_after_epochs: int | None = None,
+) -> dict[str, Any]:
+    """Train per `cfg` into a new run folder (or continue `resume`); returns the summary."""
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    started = time.perf_counter()
+    resume_state = None
+    if resume is not None:
+        run_dir = Path(resume)
+        if not (run_dir / LAST).is_file():
+            raise DataError(f"{run_dir}: nothing to resume (no {LAST}); start a new run instead")
+        resume_state = checkpoint.load(run_dir / LAST)
+    else:
+        run_dir = Path(out) if out is not None else new_run_dir(root, cfg.model.name)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if (run_dir / LAST).exists():
+            raise ConfigError(f"{run_dir} already holds a run; use --resume {run_dir} or another --out")
+        config.save(cfg, run_dir / "config.yaml")
+    if out is None and resume is None:
+        point_latest(root, run_dir)
+
+    train_set, val_set, test_set = load_data(cfg)
+    mean, std = data.pixel_stats(train_set.images)
+    in_chans, img_size = train_set.images.shape[1], train_set.images.shape[2]
+    torch.manual_seed(cfg.seed)  # the initial weights are part of what the seed reproduces
+    model = create_model(
+        cfg.model.name, num_classes=train_set.num_classes, in_chans=in_chans, img_size=img_size,
+        mean=mean, std=std, **cfg.model.args,
+    )  # fmt: skip
+    meta = {
+        "model": cfg.model.name,
+        "model_args": dict(cfg.model.args),
+        "classes": train_set.classes,
+        "in_chans": in_chans,
+        "img_size": img_size,
+        "config": config.to_dict(cfg),
+    }
+    state = fit(cfg, model, train_set, val_set, run_dir, meta, reporter, resume_state, stop_after_epochs)
+    if stop_after_epochs is not None and state.epoch < cfg.train.epochs and not state.stopped_early:
+        return {"run_dir": str(run_dir), "epochs": state.epoch, "finished": False}
+    return finish_run(cfg, run_dir, state.history, val_set, test_set, time.perf_counter() - started,
+                      stopped_early=state.stopped_early)  # fmt: skip
+
+
+def finish_run(
+    cfg: Config,
+    run_dir: Path,
+    history: list[dict[str, float]],
+    val_set: data.Dataset,
+    test_set: data.Dataset,
+    seconds: float,
+    stopped_early: bool,
+) -> dict[str, Any]:
+    """Evaluate the best checkpoint (chosen on validation) once on the test set; plots and summary.json."""
+    best_path = checkpoint.resolve(run_dir)
+    ckpt = checkpoint.load(best_path)
+    model = checkpoint.model_from_checkpoint(ckpt)
+    device = pick_device(cfg.train.device)
+    model.to(device)
+    val_loss, val_acc = loss_and_accuracy(predict_logits(model, val_set.images, device=device), val_set.labels)
+    test_logits = predict_logits(model, test_set.images, device=device)
+    test_loss, test_acc = loss_and_accuracy(test_logits, test_set.labels)
+    cm = confusion_matrix(test_set.labels, test_logits.argmax(1), test_set.num_classes)
+    model_cpu = model.cpu()
+    summary = {
+        "model": cfg.model.name,
+        "model_args": cfg.model.args,
+        "params": count_params(model_cpu),
+        "macs_per_image": count_macs(model_cpu, ckpt["in_chans"], ckpt["img_size"]),
+        "epochs": len(history),
+        "best_epoch": ckpt["metrics"]["epoch"],
+        "stopped_early": stopped_early,
+        "train_seconds": round(sum(r["seconds"] for r in history), 2),
+        "total_seconds": round(seconds, 2),
+        "val_accuracy": val_acc,
+        "val_loss": val_loss,
+        "test_accuracy": test_acc,
+        "test_loss": test_loss,
+        "test_errors": int((test_logits.argmax(1) != test_set.labels).sum()),
+        "checkpoint": best_path.name,
+        "classes": test_set.classes,
+        "augment_enabled": cfg.augment.enabled,
+        "seed": cfg.seed,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "digitkit": __version__,
+        "python": platform.python_version(),
+    }
+    plots.save_history(history, run_dir / "history.png", title=f"{cfg.model.name} ({run_dir.name})")
+    plots.save_confusion(cm.numpy(), test_set.classes, run_dir / "confusion.png",
+                         title=f"{cfg.model.name}: test set, {100 * test_acc:.2f}% accuracy")  # fmt: skip
+    atomic_write_bytes(run_dir / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+    return {"run_dir": str(run_dir), "finished": True, **summary}
+
+
+def resolve_run(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such run folder; runs are in runs/ (runs/latest is the newest)")
+    return path.resolve()

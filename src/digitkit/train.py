@@ -1,0 +1,274 @@
+"""fit(): the training loop. Batches come straight from uint8 tensors in memory and are augmented whole.
+
+Reproducibility without saving RNG state: every epoch reseeds its shuffle, augmentation and dropout from
+(seed, epoch), so a run resumed from `last.pt` draws exactly what the uninterrupted run would have drawn.
+The test set never enters this module: the checkpoint and the stopping epoch are chosen on validation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from digitkit import checkpoint
+from digitkit.augment import AugmentConfig, augment_batch
+from digitkit.config import Config, TrainConfig
+from digitkit.data import Dataset
+from digitkit.evaluate import loss_and_accuracy, predict_logits
+from digitkit.idx import atomic_write_bytes
+from digitkit.models import DigitModel
+
+METRIC_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "images_per_s")
+LAST = "last.pt"
+
+
+class Reporter(Protocol):
+    def epoch_start(self, epoch: int, epochs: int, batches: int) -> None: ...
+    def batch(self, done: int, loss: float, acc: float, images_per_s: float) -> None: ...
+    def epoch_end(self, row: dict[str, float]) -> None: ...
+
+
+class SilentReporter:
+    def epoch_start(self, epoch: int, epochs: int, batches: int) -> None:
+        pass
+
+    def batch(self, done: int, loss: float, acc: float, images_per_s: float) -> None:
+        pass
+
+    def epoch_end(self, row: dict[str, float]) -> None:
+        pass
+
+
+@dataclass
+class FitState:
+    """Everything a resumed run needs besides the weights, optimizer and schedule."""
+
+    epoch: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_val_acc: float = -1.0
+    best_val_loss: float = math.inf
+    best_path: str = ""
+    stop_best_loss: float = math.inf
+    stale_epochs: int = 0
+    stopped_early: bool = False
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def make_optimizer(params: Any, t: TrainConfig) -> torch.optim.Optimizer:
+    if t.optimizer == "adam":
+        return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, nesterov=t.momentum > 0, weight_decay=t.weight_decay)
+
+
+def make_schedule(opt: torch.optim.Optimizer, t: TrainConfig, steps_per_epoch: int) -> tuple[Any, str]:
+    """(scheduler, when it steps: 'batch', 'epoch' or 'never')."""
+    total = t.epochs * steps_per_epoch
+    if t.schedule == "onecycle":
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=t.lr, total_steps=total, pct_start=t.onecycle_pct_start
+        )
+        return sched, "batch"
+    if t.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total), "batch"
+    if t.schedule == "plateau":
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            opt, mode="min", factor=t.plateau_factor, patience=t.plateau_patience_epochs
+        )
+        return sched, "epoch"
+    return None, "never"
+
+
+def fit(
+    cfg: Config,
+    model: DigitModel,
+    train_set: Dataset,
+    val_set: Dataset,
+    run_dir: Path,
+    meta: dict[str, Any],
+    reporter: Reporter | None = None,
+    resume: dict[str, Any] | None = None,
+    stop_after_epochs: int | None = None,
+) -> FitState:
+    """Train `model` in place; writes metrics.csv, last.pt and the best checkpoint into `run_dir`.
+
+    `meta` describes the model for checkpoints (model, model_args, classes, in_chans, img_size, config).
+    `resume` is a loaded last.pt. `stop_after_epochs` ends this call early (used to test resuming).
+    """
+    t = cfg.train
+    reporter = reporter or SilentReporter()
+    device = pick_device(t.device)
+    memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
+    model.to(device=device, memory_format=memory_format)
+    steps_per_epoch = max(1, len(train_set) // t.batch_size)
+    opt = make_optimizer(model.parameters(), t)
+    sched, sched_every = make_schedule(opt, t, steps_per_epoch)
+    state = FitState()
+    if resume is not None:
+        model.load_state_dict(resume["state_dict"])
+        opt.load_state_dict(resume["optimizer"])
+        if sched is not None:
+            sched.load_state_dict(resume["scheduler"])
+        state = FitState(**resume["fit_state"])
+    autocast = _autocast(device, t.amp)
+    epochs_this_call = 0
+
+    while state.epoch < t.epochs and not state.stopped_early:
+        epoch = state.epoch + 1
+        started = time.perf_counter()
+        g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+        torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout
+        perm = torch.randperm(len(train_set), generator=g)
+        model.train()
+        reporter.epoch_start(epoch, t.epochs, steps_per_epoch)
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        seen = 0
+        for step in range(steps_per_epoch):
+            idx = perm[step * t.batch_size : (step + 1) * t.batch_size]
+            x, y = load_batch(train_set, idx, cfg.augment, g, device, memory_format)
+            loss, logits = train_step(model, opt, x, y, t.label_smoothing, autocast)
+            if sched_every == "batch":
+                sched.step()
+            loss_sum += loss * len(y)
+            correct += (logits.argmax(1) == y).sum()
+            seen += len(y)
+            if step % 20 == 19 or step == steps_per_epoch - 1:
+                # .item() is a device sync point: only every 20 steps, for the progress bar.
+                elapsed = time.perf_counter() - started
+                reporter.batch(step + 1, loss_sum.item() / seen, correct.item() / seen, seen / elapsed)
+        train_seconds = time.perf_counter() - started
+        val_logits = predict_logits(model, val_set.images, t.eval_batch_size, device, t.channels_last)
+        val_loss, val_acc = loss_and_accuracy(val_logits, val_set.labels)
+        lr = opt.param_groups[0]["lr"]
+        if sched_every == "epoch":
+            sched.step(val_loss)
+        row = {
+            "epoch": epoch,
+            "train_loss": loss_sum.item() / seen,
+            "train_acc": correct.item() / seen,
+            "val_loss": val_loss,
+            "val_acc": val_acc,
+            "lr": lr,
+            "seconds": time.perf_counter() - started,
+            "images_per_s": seen / train_seconds,
+        }
+        state.history.append(row)
+        state.epoch = epoch
+        _update_best(state, model, row, run_dir, meta)
+        _update_early_stopping(state, val_loss, t.early_stopping_patience_epochs)
+        write_metrics(run_dir / "metrics.csv", state.history)
+        checkpoint.save(
+            run_dir / LAST,
+            {
+                **checkpoint.model_payload(model, meta),
+                "kind": "resume",
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict() if sched is not None else {},
+                "fit_state": vars(state),
+            },
+        )
+        reporter.epoch_end(row)
+        epochs_this_call += 1
+        if stop_after_epochs is not None and epochs_this_call >= stop_after_epochs:
+            break
+    return state
+
+
+def load_batch(
+    ds: Dataset,
+    idx: torch.Tensor,
+    augment: AugmentConfig,
+    g: torch.Generator,
+    device: torch.device,
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gather a batch from the uint8 tensors and augment it whole: x (B, C, H, W) in [0, 1], y (B,)."""
+    x = ds.images[idx].to(device, non_blocking=True).float().div_(255)
+    y = ds.labels[idx].to(device, non_blocking=True)
+    if augment.enabled:
+        x = augment_batch(x, augment, g)
+    return x.contiguous(memory_format=memory_format), y
+
+
+def train_step(
+    model: DigitModel,
+    opt: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    label_smoothing: float = 0.0,
+    autocast: Any = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step; returns (loss, logits), both detached."""
+    with autocast if autocast is not None else contextlib.nullcontext():
+        logits = model(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.detach(), logits.detach()
+
+
+def _update_best(state: FitState, model: DigitModel, row: dict, run_dir: Path, meta: dict) -> None:
+    """Keep one best checkpoint: highest validation accuracy, ties to the lower validation loss."""
+    better = row["val_acc"] > state.best_val_acc or (
+        row["val_acc"] == state.best_val_acc and row["val_loss"] < state.best_val_loss
+    )
+    if not better:
+        return
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = run_dir / f"best-{stamp}-e{row['epoch']:03d}-val{100 * row['val_acc']:.2f}.pt"
+    metrics = {k: row[k] for k in ("epoch", "val_acc", "val_loss", "train_acc", "train_loss")}
+    checkpoint.save(path, {**checkpoint.model_payload(model, meta), "kind": "model", "metrics": metrics})
+    if state.best_path and Path(state.best_path).name != path.name:
+        (run_dir / Path(state.best_path).name).unlink(missing_ok=True)
+    state.best_val_acc, state.best_val_loss, state.best_path = row["val_acc"], row["val_loss"], path.name
+
+
+def _update_early_stopping(state: FitState, val_loss: float, patience_epochs: int) -> None:
+    if val_loss < state.stop_best_loss:
+        state.stop_best_loss, state.stale_epochs = val_loss, 0
+    else:
+        state.stale_epochs += 1
+    state.stopped_early = patience_epochs > 0 and state.stale_epochs >= patience_epochs
+
+
+def _autocast(device: torch.device, amp: bool) -> Any:
+    if amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast(device.type, enabled=False)
+
+
+def write_metrics(path: Path, rows: list[dict[str, float]]) -> None:
+    """Rewritten whole each epoch (atomically), so it always matches the last checkpoint."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    atomic_write_bytes(path, buf.getvalue().encode())
+
+
+def read_metrics(path: Path) -> list[dict[str, float]]:
+    with open(path, newline="") as f:
+        return [{k: (int(v) if k == "epoch" else float(v)) for k, v in r.items()} for r in csv.DictReader(f)]
+

@@ -1,0 +1,59 @@
+"""Shared fixtures: a tiny synthetic IDX data set (any class count) so most tests never touch real MNIST."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from digitkit import data
+from digitkit.data import Dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+MNIST_DIR = ROOT / "data" / "mnist"
+
+
+def synthetic_images(labels: np.ndarray, size: int = 28, seed: int = 0) -> np.ndarray:
+    """Class c is a bright bar at angle c*180/K plus noise: learnable in a few steps, any number of classes."""
+    rng = np.random.default_rng(seed)
+    k = int(labels.max()) + 1
+    yy, xx = np.mgrid[0:size, 0:size] - (size - 1) / 2
+    out = np.zeros((len(labels), size, size), np.float32)
+    for c in range(k):
+        angle = np.pi * c / k
+        dist = np.abs(-np.sin(angle) * xx + np.cos(angle) * yy)
+        bar = ((dist < 1.6) & (np.hypot(xx, yy) < size * 0.38)).astype(np.float32)
+        out[labels == c] = bar
+    shift = rng.integers(-1, 2, size=(len(labels), 2))
+    for i, (dy, dx) in enumerate(shift):
+        out[i] = np.roll(out[i], (dy, dx), axis=(0, 1))
+    out = out * rng.uniform(0.7, 1.0, size=(len(labels), 1, 1)) + rng.normal(0, 0.05, out.shape)
+    return (out.clip(0, 1) * 255).round().astype(np.uint8)
+
+
+def make_idx_dir(path: Path, num_classes: int = 4, n_train: int = 240, n_test: int = 80, size: int = 28,
+                 class_names: list[str] | None = None, sums: bool = True) -> Path:  # fmt: skip
+    for split, n in (("train", n_train), ("test", n_test)):
+        labels = np.arange(n) % num_classes
+        np.random.default_rng(1).shuffle(labels)
+        images = synthetic_images(labels, size=size, seed=2 if split == "train" else 3)
+        ds = Dataset(torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)),
+                     [str(i) for i in range(num_classes)])  # fmt: skip
+        data.save_split(ds, path, split)
+    if class_names:
+        (path / "classes.txt").write_text("\n".join(class_names) + "\n")
+    if sums:
+        data.write_sums(path)
+    return path
+
+
+@pytest.fixture
+def tiny_dir(tmp_path: Path) -> Path:
+    return make_idx_dir(tmp_path / "tiny", num_classes=4, class_names=["up", "right", "down", "left"])
+
+
+@pytest.fixture(scope="session")
+def mnist_train() -> Dataset:
+    return data.load_split(MNIST_DIR, "train")

@@ -1,0 +1,218 @@
+import json
+import math
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from digitkit import checkpoint, config, data, runs, train
+from digitkit.errors import DataError
+from digitkit.evaluate import predict_logits
+from digitkit.models import create_model
+
+from .conftest import ROOT, make_idx_dir
+
+
+def tiny_cfg(data_dir: Path, *extra: str) -> config.Config:
+    return config.load(None, [f"data.dir={data_dir}", "model.name=cnn1", "train.epochs=3", "train.batch_size=32",
+                              "augment.recipe=none", *extra])  # fmt: skip
+
+
+def test_run_folder_has_everything(tmp_path, tiny_dir):
+    summary = runs.train_run(tiny_cfg(tiny_dir), root=tmp_path / "runs")
+    run_dir = Path(summary["run_dir"])
+    assert run_dir.parent == tmp_path / "runs" and run_dir.name.endswith("-cnn1")
+    assert (tmp_path / "runs" / "latest").resolve() == run_dir.resolve()
+    for name in ("config.yaml", "metrics.csv", "history.png", "confusion.png", "summary.json", "last.pt"):
+        assert (run_dir / name).is_file(), name
+    best = list(run_dir.glob("best-*-e*-val*.pt"))
+    assert len(best) == 1
+    saved = json.loads((run_dir / "summary.json").read_text())
+    for key in ("model", "params", "epochs", "train_seconds", "val_accuracy", "test_accuracy"):
+        assert key in saved
+    assert saved["epochs"] == 3 and saved["classes"] == ["up", "right", "down", "left"]
+    assert saved["test_accuracy"] > 0.9  # the synthetic bars are easy: the model really learned
+    rows = train.read_metrics(run_dir / "metrics.csv")
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert set(rows[0]) == set(train.METRIC_COLUMNS)
+    # The saved config reproduces the run's config exactly.
+    assert config.load(run_dir / "config.yaml") == tiny_cfg(tiny_dir)
+
+
+def test_checkpoint_is_self_describing_and_weights_only(tmp_path, tiny_dir):
+    summary = runs.train_run(tiny_cfg(tiny_dir), out=tmp_path / "run")
+    path = checkpoint.resolve(tmp_path / "run")
+    raw = torch.load(path, weights_only=True)
+    for key in ("state_dict", "config", "model", "model_args", "classes", "normalization", "metrics",
+                "digitkit_version", "img_size", "in_chans"):  # fmt: skip
+        assert key in raw, key
+    assert raw["metrics"]["val_acc"] == pytest.approx(summary["val_accuracy"])
+    model = checkpoint.model_from_checkpoint(checkpoint.load(path))
+    test = data.load_split(tiny_dir, "test")
+    acc = (predict_logits(model, test.images).argmax(1) == test.labels).float().mean().item()
+    assert acc == pytest.approx(summary["test_accuracy"])
+
+
+class Boom:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/digitkit-pwned",))
+
+
+def test_checkpoint_with_code_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"format": checkpoint.FORMAT, "x": Boom()}, path)
+    Path("/tmp/digitkit-pwned").unlink(missing_ok=True)
+    with pytest.raises(DataError, match="contain code"):
+        checkpoint.load(path)
+    assert not Path("/tmp/digitkit-pwned").exists()
+    path.write_bytes(pickle.dumps({"a": 1})[:10])
+    with pytest.raises(DataError, match="not a loadable digitkit checkpoint"):
+        checkpoint.load(path)
+
+
+class InputRecorder:
+    """Records every batch the model sees, split by train/eval mode."""
+
+    def __init__(self, model):
+        self.train, self.eval = [], []
+        model.register_forward_pre_hook(self)
+
+    def __call__(self, module, args):
+        (self.train if module.training else self.eval).append(args[0].detach().clone())
+
+
+def _fraction_of_raw(batches, raw_images):
+    known = {bytes(img.flatten().tolist()) for img in raw_images}
+    xs = torch.cat(batches).mul(255).round().to(torch.uint8)
+    return sum(bytes(x.flatten().tolist()) in known for x in xs) / len(xs)
+
+
+@pytest.mark.parametrize("recipe, augmented", [("none", False), ("standard", True)])
+def test_augmentation_reaches_training_batches_only(tmp_path, tiny_dir, recipe, augmented):
+    overrides = [f"augment.recipe={recipe}", "train.epochs=1"]
+    if augmented:
+        overrides.append("augment.rotation.p=1.0")  # every training image is changed
+    cfg = tiny_cfg(tiny_dir, *overrides)
+    train_set, val_set, test_set = runs.load_data(cfg)
+    model = create_model("cnn1", num_classes=4)
+    rec = InputRecorder(model)
+    meta = {"model": "cnn1", "model_args": {}, "classes": train_set.classes, "in_chans": 1, "img_size": 28,
+            "config": config.to_dict(cfg)}  # fmt: skip
+    train.fit(cfg, model, train_set, val_set, tmp_path, meta)
+    seen_train = _fraction_of_raw(rec.train, train_set.images)
+    assert seen_train == (0.0 if augmented else 1.0)
+    assert _fraction_of_raw(rec.eval, val_set.images) == 1.0  # validation: exactly the stored pixels
+    rec.eval.clear()
+    predict_logits(model, test_set.images)  # the path used for the test set
+    assert _fraction_of_raw(rec.eval, test_set.images) == 1.0
+
+
+def test_resume_in_process_matches_uninterrupted_run(tmp_path, tiny_dir):
+    cfg = tiny_cfg(tiny_dir, "augment.recipe=standard", "train.schedule=onecycle")
+    full = runs.train_run(cfg, out=tmp_path / "full")
+    part = runs.train_run(cfg, out=tmp_path / "part", stop_after_epochs=1)
+    assert part["finished"] is False and part["epochs"] == 1
+    resumed = runs.train_run(cfg, resume=tmp_path / "part")
+    a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "part" / "last.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["test_accuracy"] == full["test_accuracy"]
+    assert [r["epoch"] for r in train.read_metrics(tmp_path / "part" / "metrics.csv")] == [1, 2, 3]
+
+
+def test_resume_after_sigkill_mid_epoch(tmp_path):
+    data_dir = make_idx_dir(tmp_path / "d", num_classes=4, n_train=3000, n_test=100)
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "digitkit", "train", "--data-dir", str(data_dir), "--out", str(run_dir),
+           "--set", "model.name=cnn1", "--set", "train.epochs=3", "--set", "train.batch_size=16",
+           "--set", "train.threads=1", "--quiet"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not (run_dir / "last.pt").exists():
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.monotonic() < deadline, "first epoch did not finish in time"
+        time.sleep(0.05)
+    time.sleep(0.5)  # well into epoch 2
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    before = torch.load(run_dir / "last.pt", weights_only=True)["fit_state"]["epoch"]
+    assert before < 3, "the run finished before it could be killed; make the epochs longer"
+    done = subprocess.run([sys.executable, "-m", "digitkit", "train", "--resume", str(run_dir), "--json",
+                           "--quiet"], cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["epochs"] == 3 and summary["finished"]
+    assert [r["epoch"] for r in train.read_metrics(run_dir / "metrics.csv")] == [1, 2, 3]
+    assert not list(run_dir.glob(".*.tmp"))
+
+
+def test_early_stopping_counts_stale_epochs():
+    state = train.FitState()
+    for loss, stopped in [(1.0, False), (0.9, False), (0.95, False), (0.91, True)]:
+        train._update_early_stopping(state, loss, patience_epochs=2)
+        assert state.stopped_early is stopped
+    state = train.FitState()
+    for loss in [1.0, 1.1, 1.2, 1.3]:
+        train._update_early_stopping(state, loss, patience_epochs=0)
+    assert not state.stopped_early  # 0 turns it off
+
+
+def test_early_stopping_ends_a_real_run(tmp_path, tiny_dir):
+    # lr so small nothing changes meaningfully: val loss stalls and patience 1 ends the run early.
+    cfg = tiny_cfg(tiny_dir, "train.epochs=20", "train.lr=1e-12", "train.schedule=none",
+                   "train.early_stopping_patience_epochs=1")  # fmt: skip
+    summary = runs.train_run(cfg, out=tmp_path / "r")
+    assert summary["stopped_early"] and summary["epochs"] < 20
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd"])
+@pytest.mark.parametrize("schedule", ["none", "plateau", "onecycle", "cosine"])
+def test_optimizers_and_schedules_build_and_step(optimizer, schedule):
+    cfg = config.load(None, [f"train.optimizer={optimizer}", f"train.schedule={schedule}", "train.epochs=2"])
+    model = create_model("cnn1")
+    opt = train.make_optimizer(model.parameters(), cfg.train)
+    sched, every = train.make_schedule(opt, cfg.train, steps_per_epoch=5)
+    lrs = []
+    for _ in range(10 if every == "batch" else 5):
+        opt.step()
+        if every == "batch":
+            sched.step()
+        elif every == "epoch":
+            sched.step(1.0)  # a flat validation loss
+        lrs.append(opt.param_groups[0]["lr"])
+    if schedule == "none":
+        assert set(lrs) == {cfg.train.lr}
+    elif schedule == "plateau":
+        assert lrs[-1] == pytest.approx(cfg.train.lr * 0.5)  # halved after 3 epochs without improvement
+    else:
+        assert lrs[-1] < cfg.train.lr * 0.05 and lrs[-1] < max(lrs)
+
+
+def test_training_is_reproducible(tmp_path, tiny_dir):
+    cfg = tiny_cfg(tiny_dir, "augment.recipe=combinatorial", "train.epochs=2")
+    a = runs.train_run(cfg, out=tmp_path / "a")
+    b = runs.train_run(cfg, out=tmp_path / "b")
+    ra, rb = (train.read_metrics(Path(s["run_dir"]) / "metrics.csv") for s in (a, b))
+    assert [r["train_loss"] for r in ra] == [r["train_loss"] for r in rb]
+    assert not math.isnan(ra[-1]["val_loss"])
+
+
+def test_out_dir_with_a_run_is_not_overwritten(tmp_path, tiny_dir):
+    cfg = tiny_cfg(tiny_dir, "train.epochs=1")
+    runs.train_run(cfg, out=tmp_path / "r")
+    with pytest.raises(Exception, match="already holds a run; use --resume"):
+        runs.train_run(cfg, out=tmp_path / "r")
+
+
+@pytest.mark.slow
+def test_default_recipe_reaches_99_3_percent(tmp_path):
+    cfg = config.load(ROOT / "configs" / "default.yaml", [f"data.dir={ROOT / 'data' / 'mnist'}"])
+    summary = runs.train_run(cfg, out=tmp_path / "demo")
+    assert summary["test_accuracy"] >= 0.993
