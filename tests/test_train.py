@@ -66,7 +66,7 @@ class Boom:
 
 def test_checkpoint_with_code_is_refused(tmp_path):
     path = tmp_path / "evil.pt"
-    torch.save({"format": checkpoint.FORMAT, "x": Boom()}, path)
+    torch.save({"format": checkpoint.FORMAT, "x": Boom()}, path, pickle_protocol=2)
     Path("/tmp/digitkit-pwned").unlink(missing_ok=True)
     with pytest.raises(DataError, match="contain code"):
         checkpoint.load(path)
@@ -213,6 +213,8 @@ def test_out_dir_with_a_run_is_not_overwritten(tmp_path, tiny_dir):
 
 @pytest.mark.slow
 def test_default_recipe_reaches_99_3_percent(tmp_path):
+    """The `make demo` promise, in CI: the default recipe, full MNIST, >= 99.3% on the sealed test set."""
     cfg = config.load(ROOT / "configs" / "default.yaml", [f"data.dir={ROOT / 'data' / 'mnist'}"])
     summary = runs.train_run(cfg, out=tmp_path / "demo")
-    assert summary["test_accuracy"] >= 0.993
+    assert summary["test_accuracy"] >= 0.993, summary
+    assert summary["best_epoch"] >= 1 and summary["val_accuracy"] >= 0.99

@@ -83,8 +83,8 @@ def print_summary(s: dict[str, Any]) -> None:
     print(f"epochs         {s['epochs']} (best by validation: {s['best_epoch']}"
           f"{', stopped early' if s['stopped_early'] else ''})")  # fmt: skip
     print(f"time           {s['train_seconds']:.1f} s training, {s['total_seconds']:.1f} s in all on {s['device']}")
-    print(f"validation     {100 * s['val_accuracy']:.2f}%  (loss {s['val_loss']:.4f})")
-    print(f"test           {100 * s['test_accuracy']:.2f}%  ({s['test_errors']} errors, loss {s['test_loss']:.4f})")
+    print(f"validation     {100 * s['val_accuracy']:.2f}%  (log loss {s['val_log_loss']:.4f})")
+    print(f"test           {100 * s['test_accuracy']:.2f}%  ({s['test_errors']} errors, log loss {s['test_log_loss']:.4f})")
     print(f"checkpoint     {s['checkpoint']}")
 
 

@@ -158,7 +158,9 @@ def fit(
                 reporter.batch(step + 1, loss_sum.item() / seen, correct.item() / seen, seen / elapsed)
         train_seconds = time.perf_counter() - started
         val_logits = predict_logits(model, val_set.images, t.eval_batch_size, device, t.channels_last)
-        val_loss, val_acc = loss_and_accuracy(val_logits, val_set.labels)
+        # The training objective on validation data (label smoothing included): with smoothing, the plain log
+        # loss has a floor well above 0 and drifts up as the model sharpens, which would stop runs too early.
+        val_loss, val_acc = loss_and_accuracy(val_logits, val_set.labels, t.label_smoothing)
         lr = opt.param_groups[0]["lr"]
         if sched_every == "epoch":
             sched.step(val_loss)
