@@ -317,3 +317,24 @@ def test_default_cache_dir_follows_the_environment(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("XDG_CACHE_HOME", "relative/ignored")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert download.default_cache_dir() == tmp_path / "home" / ".cache" / "digitkit"
+
+
+def test_cli_data_download_against_a_local_mirror_gives_a_working_data_dir(server: Server, tmp_path: Path, capsys):
+    from digitkit import data
+    from digitkit.cli import main
+
+    for name in download.MNIST_FILES:
+        server.publish("mnist", name, (REPO / "data" / "mnist" / f"{name}.gz").read_bytes())
+    # mirror 1 serves a corrupted copy of every file; the CLI must fall through to mirror 2
+    for name in download.MNIST_FILES:
+        server.publish("bad", name, _flipped((REPO / "data" / "mnist" / f"{name}.gz").read_bytes()))
+    out, cache = tmp_path / "mnist-dl", tmp_path / "cache"
+    code = main(["data", "download", "--out", str(out), "--cache-dir", str(cache),
+                 "--mirror", server.base + "bad/", "--mirror", server.base + "mnist/"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    assert set(data.verify_dir(out).values()) == {"ok (sha256)"}
+    assert data.load_split(out, "test").class_counts()[:3] == [980, 1135, 1032]
+    code = main(["data", "download", "--out", str(tmp_path / "x"), "--mirror", server.base + "missing/",
+                 "--cache-dir", str(tmp_path / "empty-cache"), "--timeout", "2"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("digitkit: error: ") and "missing/" in err

@@ -64,6 +64,7 @@ class Boom:
         return (os.system, ("touch /tmp/digitkit-pwned",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_checkpoint_with_code_is_refused(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"format": checkpoint.FORMAT, "x": Boom()}, path, pickle_protocol=2)
@@ -153,6 +154,19 @@ def test_resume_after_sigkill_mid_epoch(tmp_path):
     assert not list(run_dir.glob(".*.tmp"))
 
 
+@pytest.mark.parametrize("metric, kept_epoch", [("val_loss", 3), ("val_acc", 4)]  # val_acc: 2 and 4 tie at 0.97, 4 has the lower loss)
+def test_one_best_checkpoint_is_kept_by_the_chosen_metric(tmp_path, metric, kept_epoch):
+    model = create_model("cnn1", num_classes=4)
+    meta = {"model": "cnn1", "model_args": {}, "classes": list("abcd"), "in_chans": 1, "img_size": 28}
+    state = train.FitState()
+    for epoch, loss, acc in [(1, 0.5, 0.90), (2, 0.4, 0.97), (3, 0.3, 0.96), (4, 0.35, 0.97)]:
+        row = {"epoch": epoch, "val_loss": loss, "val_acc": acc, "train_loss": loss, "train_acc": acc}
+        train._update_best(state, model, row, tmp_path, meta, metric)
+    kept = list(tmp_path.glob("best-*.pt"))
+    assert len(kept) == 1 and f"-e{kept_epoch:03d}-" in kept[0].name
+    assert torch.load(kept[0], weights_only=True)["metrics"]["epoch"] == kept_epoch
+
+
 def test_early_stopping_counts_stale_epochs():
     state = train.FitState()
     for loss, stopped in [(1.0, False), (0.9, False), (0.95, False), (0.91, True)]:
@@ -218,3 +232,14 @@ def test_default_recipe_reaches_99_3_percent(tmp_path):
     summary = runs.train_run(cfg, out=tmp_path / "demo")
     assert summary["test_accuracy"] >= 0.993, summary
     assert summary["best_epoch"] >= 1 and summary["val_accuracy"] >= 0.99
+
+
+def test_other_class_count_and_image_size_train_with_the_same_commands(tmp_path):
+    d = make_idx_dir(tmp_path / "letters", num_classes=7, size=20, n_train=350, n_test=70,
+                     class_names=list("abcdefg"))  # fmt: skip
+    cfg = tiny_cfg(d, "model.name=cnn3", "train.epochs=4")
+    summary = runs.train_run(cfg, out=tmp_path / "r")
+    ckpt = checkpoint.load(tmp_path / "r")
+    assert summary["classes"] == list("abcdefg") and ckpt["img_size"] == 20
+    assert checkpoint.model_from_checkpoint(ckpt)(torch.zeros(2, 1, 20, 20)).shape == (2, 7)
+    assert summary["test_accuracy"] > 1 / 7 + 0.3  # well above chance: it learned the 7 classes

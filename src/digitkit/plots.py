@@ -64,8 +64,13 @@ def _save_figure(fig: Figure, path: Path) -> Path:
 # training history
 
 
-def save_history(rows: list[dict], path: Path, title: str | None = None) -> Path:
-    """Plot per-epoch loss and accuracy (train and val) and mark the epoch with the lowest val loss.
+def save_history(
+    rows: list[dict], path: Path, title: str | None = None, checkpoint_epoch: int | None = None
+) -> Path:
+    """Plot per-epoch loss and accuracy (train and val) and mark the epoch of the kept checkpoint.
+
+    ``checkpoint_epoch`` is the epoch whose weights were kept (chosen on validation); without it the epoch
+    with the lowest val loss is marked.
 
     ``rows``: one dict per epoch with ``epoch`` (1-based), ``train_loss``, ``train_acc``, ``val_loss``,
     ``val_acc`` (accuracies as fractions in [0, 1]); ``lr`` is optional and, when it changes during the run,
@@ -115,10 +120,17 @@ def save_history(rows: list[dict], path: Path, title: str | None = None) -> Path
     ax_acc.plot(epoch, 100 * col["val_acc"], label="val", color="C1", **style)
     ax_acc.set(title="accuracy", xlabel="epoch", ylabel="accuracy (%)")
 
-    if np.isfinite(col["val_loss"]).any():
+    if checkpoint_epoch is not None and checkpoint_epoch in epoch:
+        best = int(np.flatnonzero(epoch == checkpoint_epoch)[0])
+        marker = "checkpoint"
+    elif np.isfinite(col["val_loss"]).any():
         best = int(np.nanargmin(col["val_loss"]))
+        marker = "best val loss"
+    else:
+        best = None
+    if best is not None:
         best_epoch = int(epoch[best])
-        label = f"best val loss {col['val_loss'][best]:.4g} @ epoch {best_epoch}"
+        label = f"{marker} @ epoch {best_epoch}: val loss {col['val_loss'][best]:.4g}"
         if np.isfinite(col["val_acc"][best]):
             label += f"\nval acc there {100 * col['val_acc'][best]:.2f}%"
         for ax in (ax_loss, ax_acc, ax_lr):
@@ -126,7 +138,7 @@ def save_history(rows: list[dict], path: Path, title: str | None = None) -> Path
                 ax.axvline(best_epoch, color="0.35", linestyle="--", linewidth=1)
         ax_loss.plot([], [], color="0.35", linestyle="--", linewidth=1, label=label)  # legend entry only
         ax_acc.plot(
-            [], [], color="0.35", linestyle="--", linewidth=1, label=f"best val loss (epoch {best_epoch})"
+            [], [], color="0.35", linestyle="--", linewidth=1, label=f"{marker} (epoch {best_epoch})"
         )
 
     if ax_lr is not None:

@@ -2,7 +2,7 @@
 
 runs/<YYYYmmdd-HHMMSS>-<model>/
   config.yaml   the resolved config (reproduces the run)      metrics.csv   one row per epoch
-  best-*.pt     best checkpoint by validation accuracy        last.pt       resume state after the last epoch
+  best-*.pt     best checkpoint on validation (loss)         last.pt       resume state after the last epoch
   history.png   loss and accuracy curves                      confusion.png test-set confusion (counts and %)
   summary.json  model, params, epochs, seconds, val and test accuracy
 runs/latest -> the newest run
@@ -44,13 +44,11 @@ def new_run_dir(root: Path, model_name: str) -> Path:
 
 
 def point_latest(root: Path, run_dir: Path) -> None:
-    """runs/latest -> run_dir, replaced atomically so a reader never sees it missing."""
-    link = root / "latest"
+    """runs/latest -> run_dir (relative, so the runs folder can move), replaced atomically."""
     tmp = root / f".latest.{os.getpid()}"
     tmp.unlink(missing_ok=True)
-    tmp.symlink_to(run_dir.resolve().relative_to(root.resolve()) if run_dir.parent.resolve() == root.resolve()
-                   else run_dir.resolve())
-    os.replace(tmp, link)
+    tmp.symlink_to(run_dir.name, target_is_directory=True)
+    os.replace(tmp, root / "latest")
 
 
 def load_data(cfg: Config) -> tuple[data.Dataset, data.Dataset, data.Dataset]:
@@ -156,9 +154,10 @@ def finish_run(
         "digitkit": __version__,
         "python": platform.python_version(),
     }
-    plots.save_history(history, run_dir / "history.png", title=f"{cfg.model.name} ({run_dir.name})")
+    plots.save_history(history, run_dir / "history.png", title=f"{cfg.model.name} ({run_dir.name})",
+                       checkpoint_epoch=summary["best_epoch"])  # fmt: skip
     plots.save_confusion(cm.numpy(), test_set.classes, run_dir / "confusion.png",
-                         title=f"{cfg.model.name}: test set, {100 * test_acc:.2f}% accuracy")  # fmt: skip
+                         title=f"{cfg.model.name} ({run_dir.name}): test set")  # fmt: skip
     atomic_write_bytes(run_dir / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
     return {"run_dir": str(run_dir), "finished": True, **summary}
 

@@ -176,7 +176,7 @@ def fit(
         }
         state.history.append(row)
         state.epoch = epoch
-        _update_best(state, model, row, run_dir, meta)
+        _update_best(state, model, row, run_dir, meta, t.checkpoint_metric)
         _update_early_stopping(state, val_loss, t.early_stopping_patience_epochs)
         write_metrics(run_dir / "metrics.csv", state.history)
         checkpoint.save(
@@ -230,11 +230,17 @@ def train_step(
     return loss.detach(), logits.detach()
 
 
-def _update_best(state: FitState, model: DigitModel, row: dict, run_dir: Path, meta: dict) -> None:
-    """Keep one best checkpoint: highest validation accuracy, ties to the lower validation loss."""
-    better = row["val_acc"] > state.best_val_acc or (
-        row["val_acc"] == state.best_val_acc and row["val_loss"] < state.best_val_loss
-    )
+def _update_best(state: FitState, model: DigitModel, row: dict, run_dir: Path, meta: dict, metric: str) -> None:
+    """Keep one best checkpoint by `metric` (val_loss: lowest, ties to higher accuracy; val_acc: highest,
+    ties to lower loss)."""
+    if metric == "val_acc":
+        better = row["val_acc"] > state.best_val_acc or (
+            row["val_acc"] == state.best_val_acc and row["val_loss"] < state.best_val_loss
+        )
+    else:
+        better = row["val_loss"] < state.best_val_loss or (
+            row["val_loss"] == state.best_val_loss and row["val_acc"] > state.best_val_acc
+        )
     if not better:
         return
     stamp = time.strftime("%Y%m%d-%H%M%S")

@@ -1,0 +1,81 @@
+"""A recipe's test accuracy and time over several seeds: the evidence behind a config's accuracy claim.
+
+Each seed changes the initial weights, the validation split, the shuffling and the augmentation. The
+checkpoint is chosen on validation; the test set is read once per run, after training. Prints a table and
+mean +- std (sample std, n = number of seeds) and writes JSON.
+
+    python benchmarks/recipe_seeds.py [--config configs/default.yaml] [--seeds 0 1 2] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from digitkit import config, runs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default=str(ROOT / "configs" / "default.yaml"))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--out", help="JSON file (default: benchmarks/results/seeds-<config name>.json)")
+    args = p.parse_args()
+
+    name = Path(args.config).stem
+    rows = []
+    print(f"{'seed':>4s} {'epochs':>6s} {'best':>4s} {'val %':>7s} {'test %':>7s} {'train s':>8s} {'total s':>8s}")
+    for seed in args.seeds:
+        cfg = config.load(args.config, [*args.set, f"seed={seed}", f"data.dir={ROOT / 'data' / 'mnist'}"])
+        with tempfile.TemporaryDirectory() as tmp:
+            started = time.perf_counter()
+            s = runs.train_run(cfg, out=Path(tmp) / "run")
+            wall = time.perf_counter() - started
+        row = {k: s[k] for k in ("epochs", "best_epoch", "val_accuracy", "test_accuracy", "train_seconds")}
+        rows.append({"seed": seed, **row, "wall_seconds": round(wall, 1)})
+        print(f"{seed:>4d} {s['epochs']:>6d} {s['best_epoch']:>4d} {100 * s['val_accuracy']:>7.2f} "
+              f"{100 * s['test_accuracy']:>7.2f} {s['train_seconds']:>8.1f} {wall:>8.1f}", flush=True)  # fmt: skip
+
+    def mean_std(key: str) -> tuple[float, float]:
+        values = [r[key] for r in rows]
+        return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+    test_mean, test_std = mean_std("test_accuracy")
+    wall_mean, wall_std = mean_std("wall_seconds")
+    print(f"test accuracy {100 * test_mean:.2f} +- {100 * test_std:.2f}% (n={len(rows)}), "
+          f"min {100 * min(r['test_accuracy'] for r in rows):.2f}%; "
+          f"train+eval {wall_mean:.0f} +- {wall_std:.0f} s per run")  # fmt: skip
+    result = {
+        "benchmark": "recipe_seeds",
+        "config": str(Path(args.config).resolve().relative_to(ROOT)) if ROOT in Path(args.config).resolve().parents
+        else args.config,
+        "overrides": args.set,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "n": len(rows),
+        "test_accuracy_mean": test_mean,
+        "test_accuracy_std": test_std,
+        "test_accuracy_min": min(r["test_accuracy"] for r in rows),
+        "wall_seconds_mean": wall_mean,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "runs": rows,
+    }
+    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"seeds-{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
