@@ -85,7 +85,8 @@ def main() -> None:
         rows.append(row)
         print(f"{name:12s} {row['params']:>9,d} {row['macs'] / 1e6:>7.2f} {row['images_per_s_none']:>12,.0f} "
               f"{row['images_per_s_default']:>10,.0f} {row['seconds_per_epoch_none']:>14.1f} "
-              f"{row['seconds_per_epoch_default']:>12.1f} {100 * row['augmentation_cost']:>8.0f}%", flush=True)  # fmt: skip
+              f"{row['seconds_per_epoch_default']:>12.1f} {100 * row['augmentation_cost']:>8.0f}%",
+              flush=True)  # fmt: skip
     result = {
         "benchmark": "train_speed",
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),

@@ -154,7 +154,8 @@ def test_resume_after_sigkill_mid_epoch(tmp_path):
     assert not list(run_dir.glob(".*.tmp"))
 
 
-@pytest.mark.parametrize("metric, kept_epoch", [("val_loss", 3), ("val_acc", 4)]  # val_acc: 2 and 4 tie at 0.97, 4 has the lower loss)
+# val_acc: epochs 2 and 4 tie at 0.97; 4 has the lower loss
+@pytest.mark.parametrize("metric, kept_epoch", [("val_loss", 3), ("val_acc", 4)])
 def test_one_best_checkpoint_is_kept_by_the_chosen_metric(tmp_path, metric, kept_epoch):
     model = create_model("cnn1", num_classes=4)
     meta = {"model": "cnn1", "model_args": {}, "classes": list("abcd"), "in_chans": 1, "img_size": 28}

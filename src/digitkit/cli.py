@@ -84,7 +84,8 @@ def print_summary(s: dict[str, Any]) -> None:
           f"{', stopped early' if s['stopped_early'] else ''})")  # fmt: skip
     print(f"time           {s['train_seconds']:.1f} s training, {s['total_seconds']:.1f} s in all on {s['device']}")
     print(f"validation     {100 * s['val_accuracy']:.2f}%  (log loss {s['val_log_loss']:.4f})")
-    print(f"test           {100 * s['test_accuracy']:.2f}%  ({s['test_errors']} errors, log loss {s['test_log_loss']:.4f})")
+    print(f"test           {100 * s['test_accuracy']:.2f}%  "
+          f"({s['test_errors']} errors, log loss {s['test_log_loss']:.4f})")  # fmt: skip
     print(f"checkpoint     {s['checkpoint']}")
 
 
