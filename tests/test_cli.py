@@ -45,6 +45,12 @@ def test_bad_input_is_one_clear_line_not_a_traceback(capsys, argv, message):
     assert err.count("\n") == 1 and "Traceback" not in err
 
 
+def test_missing_data_leaves_no_run_folder(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "train", "--data-dir", str(tmp_path / "nope"), "--runs-root", str(tmp_path / "runs"))
+    assert code == 2 and "data folder not found" in err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
 def test_bad_input_from_a_real_process_has_no_traceback(tmp_path):
     done = subprocess.run([sys.executable, "-m", "digitkit", "train", "--set", "model.name=nope"],
                           capture_output=True, text=True, cwd=tmp_path, timeout=60)  # fmt: skip

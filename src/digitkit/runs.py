@@ -71,6 +71,8 @@ def train_run(
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     started = time.perf_counter()
+    # Data first: a missing or corrupt file must fail before a run folder (and runs/latest) is made.
+    train_set, val_set, test_set = load_data(cfg)
     resume_state = None
     if resume is not None:
         run_dir = Path(resume)
@@ -86,7 +88,6 @@ def train_run(
     if out is None and resume is None:
         point_latest(root, run_dir)
 
-    train_set, val_set, test_set = load_data(cfg)
     mean, std = data.pixel_stats(train_set.images)
     in_chans, img_size = train_set.images.shape[1], train_set.images.shape[2]
     torch.manual_seed(cfg.seed)  # the initial weights are part of what the seed reproduces
