@@ -2,7 +2,7 @@
 
 runs/<YYYYmmdd-HHMMSS>-<model>/
   config.yaml   the resolved config (reproduces the run)      metrics.csv   one row per epoch
-  best-*.pt     best checkpoint on validation (loss)         last.pt       resume state after the last epoch
+  best-*.pt     best checkpoint on validation (loss)          last.pt       resume state after the last epoch
   history.png   loss and accuracy curves                      confusion.png test-set confusion (counts and %)
   summary.json  model, params, epochs, seconds, val and test accuracy
 runs/latest -> the newest run
@@ -128,7 +128,8 @@ def finish_run(
     val_loss, val_acc = loss_and_accuracy(predict_logits(model, val_set.images, device=device), val_set.labels)
     test_logits = predict_logits(model, test_set.images, device=device)
     test_loss, test_acc = loss_and_accuracy(test_logits, test_set.labels)
-    cm = confusion_matrix(test_set.labels, test_logits.argmax(1), test_set.num_classes)
+    test_preds = test_logits.argmax(1)
+    cm = confusion_matrix(test_set.labels, test_preds, test_set.num_classes)
     model_cpu = model.cpu()
     summary = {
         "model": cfg.model.name,
@@ -144,7 +145,7 @@ def finish_run(
         "val_log_loss": val_loss,
         "test_accuracy": test_acc,
         "test_log_loss": test_loss,
-        "test_errors": int((test_logits.argmax(1) != test_set.labels).sum()),
+        "test_errors": int((test_preds != test_set.labels).sum()),
         "checkpoint": best_path.name,
         "classes": test_set.classes,
         "augment_enabled": cfg.augment.enabled,

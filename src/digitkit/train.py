@@ -231,16 +231,13 @@ def train_step(
 
 
 def _update_best(state: FitState, model: DigitModel, row: dict, run_dir: Path, meta: dict, metric: str) -> None:
-    """Keep one best checkpoint by `metric` (val_loss: lowest, ties to higher accuracy; val_acc: highest,
+    """Keep one best checkpoint by `metric`: val_loss (lowest, ties to higher accuracy) or val_acc (highest,
     ties to lower loss)."""
-    if metric == "val_acc":
-        better = row["val_acc"] > state.best_val_acc or (
-            row["val_acc"] == state.best_val_acc and row["val_loss"] < state.best_val_loss
-        )
-    else:
-        better = row["val_loss"] < state.best_val_loss or (
-            row["val_loss"] == state.best_val_loss and row["val_acc"] > state.best_val_acc
-        )
+
+    def rank(acc: float, loss: float) -> tuple[float, float]:
+        return (-loss, acc) if metric == "val_loss" else (acc, -loss)
+
+    better = rank(row["val_acc"], row["val_loss"]) > rank(state.best_val_acc, state.best_val_loss)
     if not better:
         return
     stamp = time.strftime("%Y%m%d-%H%M%S")
