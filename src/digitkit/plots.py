@@ -425,3 +425,15 @@ def save_pairs_grid(
 ) -> Path:
     """``pairs_grid(originals, augmented, title)`` saved to ``path``; used by ``digitkit augment preview``."""
     return _atomic_write(path, pairs_grid(originals, augmented, title).save)
+
+
+# ------------------------------------------------------------------------------------------ evaluation figures
+# (reliability diagram, error gallery, robustness and adversarial charts)
+
+
+# ----------------------------------------------------------------------------------------- explanation figures
+# (input, attribution map, overlay)
+
+
+# ------------------------------------------------------------------------------------------ comparison figures
+# (cross-validation folds, config comparison)

@@ -66,13 +66,19 @@ def train_run(
     reporter: Reporter | None = None,
     resume: Path | None = None,
     stop_after_epochs: int | None = None,
+    datasets: tuple[data.Dataset, data.Dataset, data.Dataset | None] | None = None,
+    point_latest_link: bool = True,
 ) -> dict[str, Any]:
-    """Train per `cfg` into a new run folder (or continue `resume`); returns the summary."""
+    """Train per `cfg` into a new run folder (or continue `resume`); returns the summary.
+
+    `datasets` = (train, val, test) replaces the config's hold-out split (cross-validation folds); a test set of
+    None skips the test evaluation (summary then has no test figures).
+    """
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     started = time.perf_counter()
     # Data first: a missing or corrupt file must fail before a run folder (and runs/latest) is made.
-    train_set, val_set, test_set = load_data(cfg)
+    train_set, val_set, test_set = datasets if datasets is not None else load_data(cfg)
     resume_state = None
     if resume is not None:
         run_dir = Path(resume)
@@ -85,7 +91,7 @@ def train_run(
         if (run_dir / LAST).exists():
             raise ConfigError(f"{run_dir} already holds a run; use --resume {run_dir} or another --out")
         config.save(cfg, run_dir / "config.yaml")
-    if out is None and resume is None:
+    if out is None and resume is None and point_latest_link:
         point_latest(root, run_dir)
 
     mean, std = data.pixel_stats(train_set.images)
@@ -115,7 +121,7 @@ def finish_run(
     run_dir: Path,
     history: list[dict[str, float]],
     val_set: data.Dataset,
-    test_set: data.Dataset,
+    test_set: data.Dataset | None,
     seconds: float,
     stopped_early: bool,
 ) -> dict[str, Any]:
@@ -126,12 +132,8 @@ def finish_run(
     device = pick_device(cfg.train.device)
     model.to(device)
     val_loss, val_acc = loss_and_accuracy(predict_logits(model, val_set.images, device=device), val_set.labels)
-    test_logits = predict_logits(model, test_set.images, device=device)
-    test_loss, test_acc = loss_and_accuracy(test_logits, test_set.labels)
-    test_preds = test_logits.argmax(1)
-    cm = confusion_matrix(test_set.labels, test_preds, test_set.num_classes)
     model_cpu = model.cpu()
-    summary = {
+    summary: dict[str, Any] = {
         "model": cfg.model.name,
         "model_args": cfg.model.args,
         "params": count_params(model_cpu),
@@ -143,11 +145,8 @@ def finish_run(
         "total_seconds": round(seconds, 2),
         "val_accuracy": val_acc,
         "val_log_loss": val_loss,
-        "test_accuracy": test_acc,
-        "test_log_loss": test_loss,
-        "test_errors": int((test_preds != test_set.labels).sum()),
         "checkpoint": best_path.name,
-        "classes": test_set.classes,
+        "classes": val_set.classes,
         "augment_enabled": cfg.augment.enabled,
         "seed": cfg.seed,
         "device": str(device),
@@ -158,8 +157,16 @@ def finish_run(
     }
     plots.save_history(history, run_dir / "history.png", title=f"{cfg.model.name} ({run_dir.name})",
                        checkpoint_epoch=summary["best_epoch"])  # fmt: skip
-    plots.save_confusion(cm.numpy(), test_set.classes, run_dir / "confusion.png",
-                         title=f"{cfg.model.name} ({run_dir.name}): test set")  # fmt: skip
+    if test_set is not None:
+        model.to(device)
+        test_logits = predict_logits(model, test_set.images, device=device)
+        test_loss, test_acc = loss_and_accuracy(test_logits, test_set.labels)
+        test_preds = test_logits.argmax(1)
+        cm = confusion_matrix(test_set.labels, test_preds, test_set.num_classes)
+        summary.update(test_accuracy=test_acc, test_log_loss=test_loss,
+                       test_errors=int((test_preds != test_set.labels).sum()))  # fmt: skip
+        plots.save_confusion(cm.numpy(), test_set.classes, run_dir / "confusion.png",
+                             title=f"{cfg.model.name} ({run_dir.name}): test set")  # fmt: skip
     atomic_write_bytes(run_dir / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
     return {"run_dir": str(run_dir), "finished": True, **summary}
 
