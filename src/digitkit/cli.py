@@ -180,8 +180,12 @@ def cmd_augment_preview(args: argparse.Namespace) -> int:
 
     from digitkit import augment, data, plots
 
+    if args.config:
+        return _preview_training_batch(args)
+    if not args.recipe:
+        raise ConfigError("augment preview: give --recipe NAME (see `digitkit augment list`) or --config C")
     cfg = augment.load_recipe(args.recipe)
-    ds = data.load_split(args.data_dir, "train", verify=False)
+    ds = data.load_split(args.data_dir or DEFAULT_DATA, "train", verify=False)
     g = torch.Generator().manual_seed(args.seed)
     pick = torch.randperm(len(ds), generator=g)[: args.n]
     originals = ds.images[pick]
@@ -190,6 +194,28 @@ def cmd_augment_preview(args: argparse.Namespace) -> int:
     augmented = out.reshape(args.n, args.copies, *ds.images.shape[2:]).numpy()
     path = plots.save_pairs_grid(originals[:, 0].numpy(), augmented, Path(args.out), title=f"recipe: {args.recipe}")
     print(f"wrote {path}: {args.n} originals (left) beside {args.copies} augmented copies each")
+    return 0
+
+
+def _preview_training_batch(args: argparse.Namespace) -> int:
+    """The first batch of epoch 1 exactly as `digitkit train --config C` sees it."""
+    import torch
+
+    from digitkit import config, plots, runs
+    from digitkit.train import training_batch
+
+    cfg = config.load(args.config, args.set)
+    if args.data_dir:
+        cfg.data.dir = args.data_dir
+    train_set, _, _ = runs.load_data(cfg)
+    x, y = training_batch(cfg, train_set, epoch=1, step=0)
+    n = min(len(x), args.n * args.copies)
+    images = x[:n].mul(255).round().clamp(0, 255).to(torch.uint8)[:, 0].numpy()
+    labels = [train_set.classes[int(c)] for c in y[:n]]
+    path = plots.save_image_grid(images, Path(args.out), nrow=args.copies, labels=labels)
+    aug = "on" if cfg.augment.enabled else "off"
+    print(f"wrote {path}: the first {n} images of epoch 1's first batch as training sees them "
+          f"(seed {cfg.seed}, batch size {cfg.train.batch_size}, augmentation {aug})")
     return 0
 
 
@@ -285,12 +311,14 @@ def build_parser() -> argparse.ArgumentParser:
     asub = a.add_subparsers(dest="augment_command", required=True, metavar="ACTION")
     asub.add_parser("list", help="the shipped recipes").set_defaults(func=cmd_augment_list)
     pv = asub.add_parser("preview", help="originals beside augmented copies, to check digits stay legible")
-    pv.add_argument("--recipe", required=True, help="recipe name or YAML file")
+    pv.add_argument("--recipe", help="recipe name or YAML file")
+    pv.add_argument("--config", help="instead of --recipe: show epoch 1's first batch exactly as training sees it")
+    pv.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override (with --config)")
     pv.add_argument("--out", required=True, help="PNG file to write")
     pv.add_argument("--n", type=_positive, default=8, help="originals")
     pv.add_argument("--copies", type=_positive, default=8, help="augmented copies of each")
     pv.add_argument("--seed", type=int, default=0)
-    pv.add_argument("--data-dir", default=DEFAULT_DATA)
+    pv.add_argument("--data-dir", help=f"training data (default: {DEFAULT_DATA}, or the config's data.dir)")
     pv.set_defaults(func=cmd_augment_preview)
     ex = asub.add_parser("expand", help="write an expanded training set as IDX files (offline augmentation)")
     ex.add_argument("--recipe", required=True, help="recipe name or YAML file")
@@ -300,10 +328,100 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--data-dir", default=DEFAULT_DATA)
     ex.set_defaults(func=cmd_augment_expand)
 
+    ev = sub.add_parser("evaluate", help="metrics, errors, calibration, robustness and a report for a run",
+                        description="Evaluate a run folder or checkpoint; writes RUN/eval/<split>/ with report.html.",
+                        epilog="example: digitkit evaluate runs/latest --split test")  # fmt: skip
+    ev.add_argument("run", metavar="RUN", help="run folder (its best checkpoint) or a checkpoint file")
+    ev.add_argument("--split", choices=("test", "val"), default="test",
+                    help="test: the sealed test set (report only); val: the run's validation hold-out")  # fmt: skip
+    ev.add_argument("--data-dir", help="folder with the IDX files (default: the run's data.dir)")
+    ev.add_argument("--out", help="output folder (default: RUN/eval/<split>)")
+    ev.add_argument("--quick", action="store_true", help="clean metrics only: no corruptions, augmentation, attacks")
+    ev.add_argument("--no-corruptions", action="store_true", help="skip the corruption suite")
+    ev.add_argument("--no-adversarial", action="store_true", help="skip FGSM/PGD")
+    ev.add_argument("--adversarial-n", type=int, default=1000, help="images attacked (default 1000)")
+    ev.add_argument("--defence-sigma", type=float, help="noise defence sigma to compare against (default 0.3)")
+    ev.add_argument("--seed", type=int, default=0, help="seeds corrupted copies, attacks and defence noise")
+    ev.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)
+    ev.add_argument("--json", action="store_true", help="print every figure as one JSON object")
+    ev.set_defaults(func=cmd_evaluate)
+
     m = sub.add_parser("models", help="registered models with parameters and multiply-adds per image")
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=cmd_models)
     return p
+
+
+# ----------------------------------------------------------------------------------------- evaluate
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import torch
+
+    from digitkit import report, runs
+    from digitkit.evaluate import EvalOptions, evaluate_model
+    from digitkit.train import pick_device
+
+    opened = runs.open_model(args.run)
+    cfg = opened.cfg
+    ds, slices = runs.evaluation_data(cfg, args.split, args.data_dir)
+    if ds.num_classes != len(opened.ckpt["classes"]) or tuple(ds.images.shape[1:]) != (
+        opened.ckpt["in_chans"], opened.ckpt["img_size"], opened.ckpt["img_size"]
+    ):
+        raise ConfigError(
+            f"{args.run}: the model expects {len(opened.ckpt['classes'])} classes of "
+            f"{opened.ckpt['img_size']}x{opened.ckpt['img_size']} images; the {args.split} data has "
+            f"{ds.num_classes} classes of shape {tuple(ds.images.shape[1:])}; pass the matching --data-dir"
+        )
+    opts = EvalOptions(
+        corruptions=not args.quick and not args.no_corruptions,
+        augmented=not args.quick,
+        adversarial=not args.quick and not args.no_adversarial,
+        adversarial_n=args.adversarial_n,
+        seed=args.seed,
+    )
+    if args.defence_sigma is not None:
+        opts.defence_sigma = args.defence_sigma
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ev = evaluate_model(opened.model, ds.images, ds.labels, ds.classes, opts, inference=cfg.inference,
+                        augment_cfg=cfg.augment, history=opened.history, slices=slices,
+                        device=pick_device(cfg.train.device))  # fmt: skip
+    base = opened.run_dir if opened.run_dir is not None else opened.checkpoint_path.parent
+    out = Path(args.out) if args.out else base / "eval" / args.split
+    name = opened.run_dir.name if opened.run_dir is not None else opened.checkpoint_path.name
+    info = {
+        "title": f"{cfg.model.name} ({name}) on the {args.split} set",
+        "run": str(opened.run_dir or ""),
+        "checkpoint": opened.checkpoint_path.name,
+        "checkpoint_sha256": runs.checkpoint_sha256(opened.checkpoint_path),
+        "model": cfg.model.name,
+        "split": args.split,
+        "data_dir": str(args.data_dir or cfg.data.dir),
+        "seed": opts.seed,
+    }
+    files = report.write_evaluation(ev, ds.images, ds.labels, ds.classes, out, info)
+    r = ev.results
+    if args.json:
+        print(json.dumps({**info, **r, "report": str(files["report_html"])}))
+        return 0
+    print(f"{info['title']}: accuracy {100 * r['accuracy']:.2f}% ({r['errors']} errors of {r['n']:,}), "
+          f"macro F1 {r['macro_f1']:.4f}, log loss {r['log_loss']:.4f}, ECE {100 * r['calibration']['ece']:.2f}%")
+    if "corruption_summary" in r:
+        cs = r["corruption_summary"]
+        aug = r["robustness"].get("augmented")
+        print(f"  corruptions: mean {100 * cs['mean']:.2f}%, worst {cs['worst']}"
+              + (f"; augmented copy {100 * aug:.2f}%" if aug is not None else ""))
+    if "adversarial" in r:
+        adv = r["adversarial"]
+        parts = [f"{k} {100 * v[-1]:.1f}%" for k, v in adv["curves"].items()]
+        print(f"  attacks at eps {adv['epsilons'][-1]:g}: " + ", ".join(parts))
+    if "slices" in r:
+        for k, v in r["slices"].items():
+            if k != "gap":
+                print(f"  {k}: {100 * v['accuracy']:.2f}%")
+    if "diagnosis" in r:
+        print(f"  diagnosis: {r['diagnosis']['verdict']}: {'; '.join(r['diagnosis']['reasons'][:2])}")
+    print(f"  report: {files['report_html']}")
+    return 0
 
 
 def _positive(text: str) -> int:

@@ -106,6 +106,33 @@ class TrainConfig:
 
 
 @dataclass
+class InferenceConfig:
+    """How a trained model answers: honoured by `digitkit predict`, `read`, `evaluate` and the server."""
+
+    reject_below_confidence: float = 0.5
+    """Answer `digit: null` (reason low-confidence) when the top probability is below this. See the README's
+    rejection section for how the default was chosen on validation data and what it trades."""
+    noise_defence_sigma: float = 0.0
+    """Inference-time Gaussian-noise defence: average the softmax over noisy copies of the input (pixel std in
+    [0, 1] units); 0 turns it off. Trades some clean accuracy for robustness to small adversarial perturbations;
+    `digitkit evaluate` measures both with and without it."""
+    noise_defence_samples: int = 8
+    """Noisy copies averaged per image when the defence is on."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.reject_below_confidence < 1.0:
+            raise ConfigError(
+                f"inference.reject_below_confidence = {self.reject_below_confidence}: expected a probability in "
+                "[0, 1); 0 never rejects for low confidence"
+            )
+        if not 0.0 <= self.noise_defence_sigma <= 1.0 or self.noise_defence_samples < 1:
+            raise ConfigError(
+                "inference.noise_defence_sigma must be in [0, 1] (0 = off, 0.1-0.3 typical) and "
+                "inference.noise_defence_samples a positive integer"
+            )
+
+
+@dataclass
 class Config:
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
@@ -113,6 +140,7 @@ class Config:
     augment: augment.AugmentConfig = field(default_factory=augment.AugmentConfig)
     """A recipe name plus per-op overrides: {recipe: standard, rotation: {p: 0.5}}; see `digitkit augment list`."""
     train: TrainConfig = field(default_factory=TrainConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:

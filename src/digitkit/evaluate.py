@@ -1,6 +1,12 @@
-"""Metrics in, numbers out. The full evaluation (per-class P/R/F1, calibration, robustness) builds on these."""
+"""Metrics in, numbers out: predictions, accuracy, confusion, and the full evaluation behind `digitkit evaluate`
+(per-class metrics, calibration, rejection trade-off, robustness to augmentation, corruptions and attacks,
+slices, diagnosis). Nothing here writes files or prints; report.py does."""
 
 from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -41,3 +47,176 @@ def confusion_matrix(labels: torch.Tensor, preds: torch.Tensor, num_classes: int
     """(K, K) int64 counts; rows are true classes, columns predicted ones."""
     flat = labels.long() * num_classes + preds.long()
     return torch.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def predict_probs(
+    model: nn.Module,
+    images: torch.Tensor,
+    noise_sigma: float = 0.0,
+    noise_samples: int = 8,
+    seed: int = 0,
+    batch_size: int = 1000,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """images (N, 1, H, W) uint8 or float in [0, 1] -> probabilities (N, K), as the model answers in use.
+
+    With `noise_sigma` > 0 this is the inference-time Gaussian-noise defence: the mean softmax over
+    `noise_samples` noisy copies, seeded, so the same input always gets the same answer.
+    """
+    if noise_sigma <= 0:
+        if images.dtype == torch.uint8:
+            return predict_logits(model, images, batch_size, device).softmax(1)
+        with torch.no_grad():
+            was_training = model.training
+            model.eval()
+            try:
+                return torch.cat([model(c.to(device)).float().cpu() for c in images.split(batch_size)]).softmax(1)
+            finally:
+                model.train(was_training)
+    from digitkit.adversarial import noisy_probs
+
+    x = images.float().div(255) if images.dtype == torch.uint8 else images.float()
+    g = torch.Generator().manual_seed(seed)
+    return torch.cat([noisy_probs(model, c, noise_sigma, noise_samples, g) for c in x.split(batch_size)])
+
+
+def rejection_curve(probs: torch.Tensor, labels: torch.Tensor, thresholds: tuple[float, ...] | None = None) -> list:
+    """What a confidence threshold trades: for each threshold, the share of images answered (coverage), the
+    accuracy on those answered, and the errors and correct answers it turns into rejections."""
+    thresholds = thresholds or (0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+    conf, preds = probs.max(1)
+    correct = preds == labels
+    n = max(len(labels), 1)
+    rows = []
+    for t in thresholds:
+        answered = conf >= t
+        n_ans = int(answered.sum())
+        rows.append({
+            "threshold": t,
+            "coverage": n_ans / n,
+            "accuracy_answered": int((correct & answered).sum()) / max(n_ans, 1),
+            "errors_answered": int((~correct & answered).sum()),
+            "errors_rejected": int((~correct & ~answered).sum()),
+            "correct_rejected": int((correct & ~answered).sum()),
+        })  # fmt: skip
+    return rows
+
+
+# ------------------------------------------------------------------------------------------- full evaluation
+@dataclass
+class EvalOptions:
+    """What `digitkit evaluate` measures beyond the clean metrics, and how much it spends on it."""
+
+    corruptions: bool = True
+    """Accuracy on each corruption of the suite (modelled on MNIST-C) and their mean."""
+    augmented: bool = True
+    """Accuracy on an augmented copy (the run's training recipe; `standard` if it trained without one)."""
+    adversarial: bool = True
+    adversarial_n: int = 1000
+    """Images attacked (a seeded stratified sample): PGD costs steps x forward and backward passes per image."""
+    epsilons: tuple[float, ...] = (0.0, 0.05, 0.1, 0.2)
+    """L-infinity budgets in pixel units ([0, 1])."""
+    pgd_steps: int = 10
+    defence_sigma: float = 0.3
+    """Noise defence evaluated beside the undefended model when the run's config has it off."""
+    defence_samples: int = 8
+    calibration_bins: int = 15
+    seed: int = 0
+    """Seeds the corrupted and augmented copies, the attacks and the defence's noise: reruns are identical."""
+
+
+@dataclass
+class Evaluation:
+    results: dict[str, Any]
+    """Everything as JSON-ready data (metrics.json)."""
+    probs: torch.Tensor
+    """(N, K) probabilities as the model answers in use (noise defence included if the config has it on)."""
+    confusion: torch.Tensor
+    groups: list[dict[str, Any]] = field(default_factory=list)
+
+
+def evaluate_model(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    classes: list[str],
+    opts: EvalOptions,
+    inference: Any = None,
+    augment_cfg: Any = None,
+    history: list[dict[str, float]] | None = None,
+    slices: dict[str, torch.Tensor] | None = None,
+    device: torch.device | str = "cpu",
+) -> Evaluation:
+    """Measure a model on (images (N, 1, H, W) uint8, labels (N,)): no files, no printing (report.py writes).
+
+    `inference` is the run's InferenceConfig (noise defence, rejection threshold); `augment_cfg` its training
+    recipe; `history` its metrics.csv rows (for the diagnosis); `slices` named index sets (MNIST's two writer
+    populations).
+    """
+    from digitkit import metrics
+
+    started = time.perf_counter()
+    model.eval().to(device)
+    sigma = float(getattr(inference, "noise_defence_sigma", 0.0))
+    samples = int(getattr(inference, "noise_defence_samples", 8))
+    probs = predict_probs(model, images, sigma, samples, opts.seed, device=device)
+    preds = probs.argmax(1)
+    cm = confusion_matrix(labels, preds, len(classes))
+    groups = metrics.error_groups(labels, probs)
+    results: dict[str, Any] = {
+        "n": len(labels),
+        "noise_defence_sigma": sigma,
+        **metrics.classification_metrics(labels, probs, classes),
+        "top_confusions": metrics.top_confusions(cm, classes, k=10),
+        "error_groups": [{k: g[k] for k in ("true", "predicted", "count")} for g in groups],
+        "calibration": metrics.calibration(probs, labels, bins=opts.calibration_bins),
+        "rejection": rejection_curve(probs, labels),
+    }
+    threshold = float(getattr(inference, "reject_below_confidence", 0.0))
+    if inference is not None:
+        row = rejection_curve(probs, labels, (threshold,))[0]
+        results["rejection_at_config"] = row
+    if slices:
+        results["slices"] = metrics.slice_report(labels, probs, slices, classes)
+    if history:
+        results["diagnosis"] = metrics.diagnose(history, results["accuracy"])
+    robust: dict[str, float] = {"clean": results["accuracy"]}
+    if opts.augmented:
+        from digitkit import augment
+
+        cfg = augment_cfg if augment_cfg is not None and augment_cfg.enabled else augment.load_recipe("standard")
+        g = torch.Generator().manual_seed(opts.seed)
+        x_aug = torch.cat([augment.augment_batch(c.float().div(255), cfg, g) for c in images.split(2000)])
+        acc = _accuracy(predict_probs(model, x_aug, sigma, samples, opts.seed, device=device), labels)
+        robust["augmented"] = acc
+        results["augmented_recipe"] = "the run's training recipe" if cfg is augment_cfg else "standard"
+    if opts.corruptions:
+        from digitkit.corruptions import CORRUPTIONS, corrupt
+
+        for name in CORRUPTIONS:
+            x_c = corrupt(images, name, seed=opts.seed)
+            robust[name] = _accuracy(predict_probs(model, x_c, sigma, samples, opts.seed, device=device), labels)
+        results["corruption_summary"] = metrics.summarize_robustness({k: robust[k] for k in CORRUPTIONS})
+    results["robustness"] = robust
+    if opts.adversarial and opts.adversarial_n > 0:
+        from digitkit.adversarial import robustness_curves
+        from digitkit.data import stratified_split
+
+        n = min(opts.adversarial_n, len(labels))
+        # A seeded, class-stratified sample: the held-out side of a stratified split.
+        idx = torch.arange(len(labels)) if n == len(labels) else stratified_split(labels, n / len(labels), opts.seed)[1]
+        defence = sigma if sigma > 0 else opts.defence_sigma
+        model.cpu()
+        results["adversarial"] = robustness_curves(
+            model, images[idx], labels[idx], epsilons=opts.epsilons, attacks=("fgsm", "pgd"),
+            defence_sigma=defence, defence_samples=opts.defence_samples, pgd_steps=opts.pgd_steps,
+            seed=opts.seed,
+        )  # fmt: skip
+        model.to(device)
+    results["seconds"] = round(time.perf_counter() - started, 2)
+    return Evaluation(results=results, probs=probs, confusion=cm, groups=groups)
+
+
+def _accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    return int((probs.argmax(1) == labels).sum()) / max(len(labels), 1)
+

@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -176,3 +177,69 @@ def resolve_run(path: str | Path) -> Path:
     if not path.exists():
         raise DataError(f"{path}: no such run folder; runs are in runs/ (runs/latest is the newest)")
     return path.resolve()
+
+
+@dataclass
+class Opened:
+    """A trained model ready to use, from a run folder or a checkpoint file."""
+
+    checkpoint_path: Path
+    run_dir: Path | None
+    """The run folder when there is one (a checkpoint inside a run folder counts)."""
+    ckpt: dict[str, Any]
+    model: Any
+    cfg: Config
+    history: list[dict[str, float]]
+    """metrics.csv rows when the run folder has them, else []."""
+
+
+def open_model(path: str | Path) -> Opened:
+    """Load a run folder (its best checkpoint) or a checkpoint file; anything else is a DataError saying which."""
+    from digitkit.train import read_metrics
+
+    ckpt_path = checkpoint.resolve(path)
+    ckpt = checkpoint.load(ckpt_path)
+    model = checkpoint.model_from_checkpoint(ckpt)
+    try:
+        cfg = config.from_dict(ckpt.get("config") or {})
+    except ConfigError as e:
+        raise DataError(f"{ckpt_path}: the config stored in the checkpoint is not valid here ({e})") from None
+    run_dir = ckpt_path.parent if (ckpt_path.parent / "config.yaml").is_file() else None
+    history = []
+    if run_dir is not None and (run_dir / "metrics.csv").is_file():
+        history = read_metrics(run_dir / "metrics.csv")
+    return Opened(ckpt_path, run_dir, ckpt, model, cfg, history)
+
+
+def checkpoint_sha256(path: Path) -> str:
+    from digitkit.idx import sha256
+
+    return sha256(path.read_bytes())
+
+
+MNIST_TEST_SLICES = {
+    # The MNIST documentation: the first 5,000 test images come from NIST's SD-3 (Census Bureau employees), the
+    # last 5,000 from SD-1 (high-school students); "the first 5000 are cleaner and easier than the last 5000".
+    "first 5,000 (SD-3 writers)": (0, 5000),
+    "last 5,000 (SD-1 writers)": (5000, 10000),
+}
+
+
+def evaluation_data(cfg: Config, split: str, data_dir: str | Path | None = None) -> tuple[data.Dataset, dict]:
+    """The data set `digitkit evaluate` measures on and its named slices.
+
+    split "test": the sealed test files (report only; nothing is chosen on them). split "val": the run's own
+    validation hold-out, recomputed from its seed and val_fraction, so it is exactly what picked the checkpoint.
+    """
+    folder = Path(data_dir) if data_dir is not None else Path(cfg.data.dir)
+    if split == "test":
+        ds = data.load_split(folder, "test", verify=cfg.data.verify)
+        slices = {}
+        if len(ds) == 10_000 and ds.num_classes == 10:
+            slices = {k: torch.arange(a, b) for k, (a, b) in MNIST_TEST_SLICES.items()}
+        return ds, slices
+    if split == "val":
+        full = data.load_split(folder, "train", verify=cfg.data.verify)
+        _, val_idx = data.stratified_split(full.labels, cfg.data.val_fraction, cfg.seed)
+        return full.subset(val_idx), {}
+    raise ConfigError(f"split {split!r}: expected test or val")

@@ -135,9 +135,8 @@ def fit(
     while state.epoch < t.epochs and not state.stopped_early:
         epoch = state.epoch + 1
         started = time.perf_counter()
-        g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+        g, perm = epoch_draws(cfg.seed, epoch, len(train_set))
         torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout
-        perm = torch.randperm(len(train_set), generator=g)
         model.train()
         reporter.epoch_start(epoch, t.epochs, steps_per_epoch)
         loss_sum = torch.zeros((), device=device)
@@ -194,6 +193,23 @@ def fit(
         if stop_after_epochs is not None and epochs_this_call >= stop_after_epochs:
             break
     return state
+
+
+def epoch_draws(seed: int, epoch: int, n: int) -> tuple[torch.Generator, torch.Tensor]:
+    """The generator an epoch's augmentation draws from, already advanced past the epoch's shuffle, and that
+    shuffle: what makes a resumed run (or `digitkit augment preview --config`) draw exactly what a run draws."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return g, torch.randperm(n, generator=g)
+
+
+def training_batch(cfg: Config, train_set: Dataset, epoch: int = 1, step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch `step` of `epoch` exactly as fit() builds it (same shuffle, same augmentation draws), on the CPU."""
+    g, perm = epoch_draws(cfg.seed, epoch, len(train_set))
+    x = y = None
+    for s in range(step + 1):  # augmentation draws advance the generator batch by batch
+        idx = perm[s * cfg.train.batch_size : (s + 1) * cfg.train.batch_size]
+        x, y = load_batch(train_set, idx, cfg.augment, g, torch.device("cpu"))
+    return x, y
 
 
 def load_batch(
