@@ -59,6 +59,8 @@ STRONG = {
     "erasing": {"p": 1.0, "value": 0.5},  # gray, so that erasing black background is a change too
     "pixels": {"p": 1.0, "drop": 0.2, "add": 0.05},
     "stroke": {"p": 1.0},
+    "blur": {"p": 1.0, "sigma_min": 0.8, "sigma_max": 1.5},
+    "lowres": {"p": 1.0, "min_size": 8, "max_size": 12},
     "contrast": {"p": 1.0, "min": 0.5, "max": 0.8},
 }
 
@@ -419,3 +421,16 @@ def test_combinatorial_runs_on_a_full_batch():
     assert y.shape == x.shape and torch.isfinite(y).all()
     assert float(y.min()) >= 0 and float(y.max()) <= 1
     assert 0.3 < float(changed(y, x).float().mean()) < 1.0
+
+
+def test_blur_spreads_ink_and_lowres_loses_detail_but_keep_the_digit():
+    x = digits(16)
+    blurred = A.augment_batch(x, only("blur", p=1.0, sigma_min=1.0, sigma_max=1.0), gen())
+    # A blur lowers the peak and lights pixels next to the strokes, keeping the mass (away from the border).
+    assert float(blurred.amax()) < float(x.amax())
+    assert ((blurred > 0.05) & (x == 0)).any()
+    assert float(blurred.sum()) == pytest.approx(float(x.sum()), rel=0.05)
+    low = A.augment_batch(x, only("lowres", p=1.0, min_size=7, max_size=7), gen())
+    again = torch.nn.functional.interpolate(torch.nn.functional.interpolate(x, size=(7, 7), mode="area"),
+                                            size=(x.shape[2], x.shape[3]), mode="bilinear", align_corners=False)
+    assert torch.allclose(low, again.clamp(0, 1), atol=1e-6)

@@ -201,6 +201,36 @@ class Stroke(_Op):
 
 
 @dataclass
+class Blur(_Op):
+    """Gaussian blur with sigma uniform in [sigma_min, sigma_max] pixels: out-of-focus photos, soft scans."""
+
+    p: float = 0.0
+    sigma_min: float = 0.3
+    sigma_max: float = 1.0
+    key: ClassVar[str] = "blur"
+
+    def _check(self) -> None:
+        self._at_least("sigma_min", 0.0, strict=True)
+        self._ordered("sigma_min", "sigma_max")
+
+
+@dataclass
+class LowRes(_Op):
+    """Down-sample to a side drawn uniformly from [min_size, max_size] pixels, then back up (bilinear): a tiny
+    digit in a photo or a coarse scan, enlarged by preprocessing."""
+
+    p: float = 0.0
+    min_size: int = 10
+    max_size: int = 18
+    key: ClassVar[str] = "lowres"
+
+    def _check(self) -> None:
+        if self.min_size < 2 or self.max_size < self.min_size:
+            _fail("augment.lowres", f"{self.min_size}..{self.max_size}", "2 <= min_size <= max_size",
+                  "e.g. min_size: 10, max_size: 18 for 28x28 digits")
+
+
+@dataclass
 class Contrast(_Op):
     """Gray: x -> c * x**gamma, c uniform in [min, max], gamma log-uniform in [gamma_min, gamma_max]."""
 
@@ -231,6 +261,8 @@ class AugmentConfig:
     erasing: Erasing = field(default_factory=Erasing)
     pixels: Pixels = field(default_factory=Pixels)
     stroke: Stroke = field(default_factory=Stroke)
+    blur: Blur = field(default_factory=Blur)
+    lowres: LowRes = field(default_factory=LowRes)
     contrast: Contrast = field(default_factory=Contrast)
 
     def __post_init__(self) -> None:
@@ -247,7 +279,7 @@ class AugmentConfig:
         return any(getattr(self, f.name).p > 0 for f in fields(self))
 
 
-_OP_CLASSES = (Rotation, Translate, Scale, Shear, Elastic, Noise, Erasing, Pixels, Stroke, Contrast)
+_OP_CLASSES = (Rotation, Translate, Scale, Shear, Elastic, Noise, Erasing, Pixels, Stroke, Blur, LowRes, Contrast)
 _OPS: dict[str, type[_Op]] = {cls.key: cls for cls in _OP_CLASSES}
 
 
@@ -437,6 +469,20 @@ def _warp(x: torch.Tensor, angle_deg: torch.Tensor, shift_px: torch.Tensor, scal
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
+def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """x (N, C, H, W) blurred with a per-sample sigma (N,) in pixels: one separable depthwise convolution with
+    per-sample kernels (the batch folded into channels), zero padding (the background is black)."""
+    n, c, h, w = x.shape
+    r = max(1, math.ceil(3 * float(sigma.max())))
+    t = torch.arange(-r, r + 1, dtype=x.dtype, device=x.device)
+    k = torch.exp(-(t[None] ** 2) / (2 * sigma[:, None].to(x.dtype) ** 2))
+    k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (N*C, K)
+    y = x.reshape(1, n * c, h, w)
+    y = F.conv2d(y, k[:, None, None, :], padding=(0, r), groups=n * c)
+    y = F.conv2d(y, k[:, None, :, None], padding=(r, 0), groups=n * c)
+    return y.reshape(n, c, h, w)
+
+
 def _geometry(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator | None) -> torch.Tensor:
     """x (B, C, H, W) after rotation, translation, scale, shear, elastic; x itself if no sample drew any."""
     b, _, h, w = x.shape
@@ -506,6 +552,19 @@ def augment_batch(
             if sel.any():
                 j, sg = i[sel], sign[sel]
                 out[j] = sg * F.max_pool2d(sg * out[j], kernel_size=2 * r + 1, stride=1, padding=r)
+
+    bl = cfg.blur
+    if bl.p > 0 and len(i := _pick(b, bl.p, gen, dev)):
+        sigma = _uniform((len(i),), bl.sigma_min, bl.sigma_max, gen, dev)
+        out[i] = _gaussian_blur(out[i], sigma)
+
+    lr = cfg.lowres
+    if lr.p > 0 and len(i := _pick(b, lr.p, gen, dev)):
+        side = torch.randint(lr.min_size, lr.max_size + 1, (len(i),), generator=gen, device=_draw_device(gen, dev))
+        for s in side.unique().tolist():  # one resize per drawn size, not per sample
+            j = i[(side == s).to(dev)]
+            small = F.interpolate(out[j], size=(s, s), mode="area") if s < h else out[j]
+            out[j] = F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
 
     ct = cfg.contrast
     if ct.p > 0 and len(i := _pick(b, ct.p, gen, dev)):

@@ -219,6 +219,41 @@ def _preview_training_batch(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_augment_check(args: argparse.Namespace) -> int:
+    import torch
+
+    from digitkit import augment, legibility, runs
+
+    recipe = augment.load_recipe(args.recipe)
+    if not recipe.enabled:
+        raise ConfigError(f"recipe {args.recipe!r} has no op with p > 0: nothing to check")
+    opened = runs.open_model(args.model)
+    ds, _ = runs.evaluation_data(opened.cfg, "val", args.data_dir)  # validation images: never the test set
+    n = min(args.n, len(ds))
+    ds = ds.subset(torch.arange(n))
+    result = legibility.check_recipe(opened.model, ds.images, ds.labels, recipe, seed=args.seed,
+                                     warn_drop_pp=args.warn_drop)  # fmt: skip
+    trained_with = [op for op in legibility.active_ops(recipe) if op in legibility.active_ops(opened.cfg.augment)]
+    if trained_with:
+        result["warnings"].insert(0, f"the model trained with {', '.join(trained_with)} already, so it reads those "
+                                     "ops better than a fresh reader would; check with a model trained without "
+                                     "augmentation (augment.recipe: none)")  # fmt: skip
+    if args.json:
+        print(json.dumps({"recipe": args.recipe, "model": str(opened.checkpoint_path), **result}))
+        return 0
+    print(f"recipe {args.recipe} read by {opened.checkpoint_path} on {result['n']:,} validation images: "
+          f"clean {100 * result['clean_accuracy']:.2f}%, whole recipe {100 * result['recipe_accuracy']:.2f}%")
+    print(f"  {'op':<10} " + " ".join(f"{k:>7g}x" for k in legibility.STRENGTHS))
+    for op in legibility.active_ops(recipe):
+        accs = [r["accuracy"] for r in result["rows"] if r["op"] == op]
+        print(f"  {op:<10} " + " ".join(f"{100 * a:7.2f}%" for a in accs))
+    for w in result["warnings"]:
+        print(f"  warning: {w}")
+    if not result["warnings"]:
+        print(f"  no op drops accuracy more than {args.warn_drop:g} pp even at 2x: the recipe keeps digits legible")
+    return 0
+
+
 def cmd_augment_expand(args: argparse.Namespace) -> int:
     from digitkit import augment, data
 
@@ -320,6 +355,16 @@ def build_parser() -> argparse.ArgumentParser:
     pv.add_argument("--seed", type=int, default=0)
     pv.add_argument("--data-dir", help=f"training data (default: {DEFAULT_DATA}, or the config's data.dir)")
     pv.set_defaults(func=cmd_augment_preview)
+    ck = asub.add_parser("check", help="warn where a recipe turns digits into something else",
+                         epilog="example: digitkit augment check --recipe erasing --model runs/plain")
+    ck.add_argument("--recipe", required=True, help="recipe name or YAML file")
+    ck.add_argument("--model", required=True, help="run or checkpoint trained WITHOUT this recipe")
+    ck.add_argument("--n", type=_positive, default=5000, help="validation images to use (default 5000)")
+    ck.add_argument("--warn-drop", type=float, default=5.0, help="warn below clean accuracy minus this many pp")
+    ck.add_argument("--data-dir", help="training data (default: the model's data.dir)")
+    ck.add_argument("--seed", type=int, default=0)
+    ck.add_argument("--json", action="store_true")
+    ck.set_defaults(func=cmd_augment_check)
     ex = asub.add_parser("expand", help="write an expanded training set as IDX files (offline augmentation)")
     ex.add_argument("--recipe", required=True, help="recipe name or YAML file")
     ex.add_argument("--factor", type=_positive, required=True, help="output size as a multiple of the input")
@@ -345,6 +390,22 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)
     ev.add_argument("--json", action="store_true", help="print every figure as one JSON object")
     ev.set_defaults(func=cmd_evaluate)
+
+    xp = sub.add_parser("explain", help="saliency, SmoothGrad, integrated gradients or Grad-CAM for one image",
+                        epilog="examples: digitkit explain runs/latest --index 8 --method gradcam\n"
+                               "          digitkit explain runs/latest --image photo.jpg",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    xp.add_argument("run", metavar="RUN", help="run folder or checkpoint file")
+    xp.add_argument("--image", help="an image file (photo, scan, canvas), preprocessed as `digitkit predict` does")
+    xp.add_argument("--index", type=int, help="an image of the data set by index (see --split)")
+    xp.add_argument("--split", choices=("test", "val", "train"), default="test", help="data set for --index")
+    xp.add_argument("--method", choices=("all", "saliency", "smoothgrad", "integrated-gradients", "gradcam"),
+                    default="all", help="attribution method (default: all that apply)")  # fmt: skip
+    xp.add_argument("--out", help="PNG to write (default: RUN/explain/<name>.png)")
+    xp.add_argument("--data-dir", help="data folder for --index (default: the run's data.dir)")
+    xp.add_argument("--seed", type=int, default=0, help="seeds SmoothGrad's noise")
+    xp.add_argument("--json", action="store_true")
+    xp.set_defaults(func=cmd_explain)
 
     m = sub.add_parser("models", help="registered models with parameters and multiply-adds per image")
     m.add_argument("--json", action="store_true")
@@ -421,6 +482,61 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if "diagnosis" in r:
         print(f"  diagnosis: {r['diagnosis']['verdict']}: {'; '.join(r['diagnosis']['reasons'][:2])}")
     print(f"  report: {files['report_html']}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ explain
+def cmd_explain(args: argparse.Namespace) -> int:
+    import torch
+
+    from digitkit import explain, plots, runs
+
+    opened = runs.open_model(args.run)
+    classes = opened.ckpt["classes"]
+    if (args.image is None) == (args.index is None):
+        raise ConfigError("explain: give exactly one of --image FILE or --index N")
+    if args.image is not None:
+        from digitkit.preprocess import preprocess
+
+        pre = preprocess(Path(args.image), opened.cfg.preprocess)
+        if pre.rejected:
+            raise ConfigError(f"{args.image}: nothing to explain: the image was rejected as {pre.rejected!r} "
+                              "(no digit found); see `digitkit predict --show-preprocessed DIR`")  # fmt: skip
+        x, what, true = pre.tensor[None], Path(args.image).name, None
+        stem = Path(args.image).stem
+    else:
+        if args.split == "train":
+            from digitkit import data
+
+            ds = data.load_split(args.data_dir or opened.cfg.data.dir, "train", verify=False)
+        else:
+            ds, _ = runs.evaluation_data(opened.cfg, args.split, args.data_dir)
+        if not 0 <= args.index < len(ds):
+            raise ConfigError(f"--index {args.index}: expected 0..{len(ds) - 1} for the {args.split} set")
+        x = ds.images[args.index : args.index + 1].float().div(255)
+        what, true = f"{args.split} image {args.index}", classes[int(ds.labels[args.index])]
+        stem = f"{args.split}-{args.index}"
+    methods = list(explain.METHODS) if args.method == "all" else [args.method]
+    if args.method == "all" and x.dim() == 4 and opened.model.forward_features(x).dim() != 4:
+        methods.remove("gradcam")  # no spatial features (the mlp): the other methods still apply
+    g = torch.Generator().manual_seed(args.seed)
+    maps, probs = {}, None
+    for m in methods:
+        mp, probs = explain.attribute(opened.model, x, m, generator=g, model_name=opened.cfg.model.name)
+        maps[m] = mp[0].numpy()
+    conf, pred = probs[0].max(0)
+    base = opened.run_dir or opened.checkpoint_path.parent
+    out = Path(args.out) if args.out else base / "explain" / f"{stem}.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    title = f"{what}" + (f" (true {true})" if true is not None else "")
+    plots.save_explanation(x[0, 0].numpy(), maps, classes[int(pred)], float(conf), out, title=title)
+    result = {"input": what, "predicted": classes[int(pred)], "confidence": float(conf), "true": true,
+              "probabilities": [round(float(p), 6) for p in probs[0]], "methods": methods, "out": str(out)}  # fmt: skip
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{what}: predicted {result['predicted']} (p = {result['confidence']:.3f})"
+              + (f", true {true}" if true is not None else "") + f"; {', '.join(methods)} -> {out}")
     return 0
 
 

@@ -102,7 +102,7 @@ def integrated_gradients(
         if target is None:
             with torch.no_grad():
                 target = model(x).argmax(1)
-        target = _resolve_target(target, torch.empty(len(x), 0))
+        target = _resolve_target(target, torch.empty(len(x), 0, device=x.device))
         alphas = (torch.arange(steps, dtype=x.dtype, device=x.device) + 0.5) / steps
         per_pass = max(1, MAX_BATCH // len(x))
         total = torch.zeros_like(x)

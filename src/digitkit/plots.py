@@ -435,5 +435,135 @@ def save_pairs_grid(
 # (input, attribution map, overlay)
 
 
+def save_explanation(
+    image: np.ndarray,
+    maps: dict[str, np.ndarray],
+    pred_label: str,
+    prob: float,
+    path: Path,
+    title: str | None = None,
+) -> Path:
+    """One row: the input as the model sees it, then for each method its attribution map and the overlay.
+
+    ``image`` (H, W) floats in [0, 1] (the preprocessed 28x28, not the raw upload); ``maps`` method name ->
+    (H, W) attribution in [0, 1], as ``explain.attribute`` returns them. The title states the prediction
+    explained, e.g. "predicted 7 (p = 0.993)".
+    """
+    from digitkit.explain import overlay  # lazy: explain imports torch, which the other figures never need
+
+    img = np.asarray(image, dtype=np.float64)
+    if img.ndim != 2:
+        raise ValueError(f"save_explanation needs one (H, W) image; got shape {img.shape}")
+    if not maps:
+        raise ValueError("save_explanation got no maps; pass {method name: (H, W) attribution}")
+    arrays = {name: np.asarray(m, dtype=np.float64) for name, m in maps.items()}
+    for name, m in arrays.items():
+        if m.shape != img.shape:
+            raise ValueError(f"map {name!r} has shape {m.shape} but the image is {img.shape}; they must match")
+
+    cols = 1 + 2 * len(arrays)
+    fig = Figure(figsize=(max(4.0, 1.9 * cols), 2.9), layout="constrained")
+    axes = fig.subplots(1, cols, squeeze=False)[0]
+    axes[0].imshow(img, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    axes[0].set_title("input", fontsize=9)
+    for i, (name, m) in enumerate(arrays.items()):
+        axes[1 + 2 * i].imshow(m, cmap="inferno", vmin=0, vmax=1, interpolation="nearest")
+        axes[1 + 2 * i].set_title(name, fontsize=9)
+        axes[2 + 2 * i].imshow(overlay(img, m), interpolation="nearest")
+        axes[2 + 2 * i].set_title(f"{name} overlay", fontsize=9)
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    headline = f"predicted {pred_label} (p = {prob:.3f})"
+    fig.suptitle(f"{title}\n{headline}" if title else headline)
+    return _save_figure(fig, path)
+
+
 # ------------------------------------------------------------------------------------------ comparison figures
 # (cross-validation folds, config comparison)
+
+
+def _as_percent(values: list[float], name: str) -> np.ndarray:
+    x = np.asarray(values, dtype=float)
+    if x.ndim != 1 or x.size == 0 or not np.isfinite(x).all():
+        raise ValueError(f"{name} must be a non-empty list of finite accuracies; got {values!r}")
+    if (x < 0).any() or (x > 1.0 + 1e-9).any():
+        raise ValueError(f"{name} must be fractions in [0, 1]; if they are percentages, divide by 100")
+    return 100 * x
+
+
+def save_cv(fold_accuracies: list[float], path: Path, title: str | None = None) -> Path:
+    """Per-fold validation accuracy (dots), the mean (line) and mean +- sample std (ddof=1, shaded band).
+
+    ``fold_accuracies``: fractions in [0, 1], fold 1 first; at least two folds (a std needs two values).
+    """
+    acc = _as_percent(fold_accuracies, "fold_accuracies")
+    if acc.size < 2:
+        raise ValueError("save_cv needs at least two folds")
+    n, mean, std = acc.size, float(acc.mean()), float(acc.std(ddof=1))
+    folds = np.arange(1, n + 1)
+    fig = Figure(figsize=(max(5.0, 0.55 * n + 3.0), 4.0), layout="constrained")
+    ax = fig.subplots()
+    ax.axhspan(mean - std, mean + std, color="C0", alpha=0.15, label="mean +- std")
+    ax.axhline(mean, color="C0", linewidth=1.5, label=f"mean {mean:.2f}%")
+    ax.plot(folds, acc, "o", color="C1", markersize=7, label="held-out fold")
+    for f, a in zip(folds, acc, strict=True):
+        ax.annotate(f"{a:.2f}", (f, a), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=8)
+    spread = max(float(acc.max() - acc.min()), 2 * std, 0.05)  # all folds equal: still show a readable band
+    ax.set_ylim(min(acc.min(), mean - std) - 0.6 * spread, max(acc.max(), mean + std) + 0.6 * spread)
+    ax.set_xlim(0.4, n + 0.6)
+    ax.set_xticks(folds)
+    ax.set(xlabel="fold (held out: validation)", ylabel="validation accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    summary = f"accuracy {mean:.2f} +- {std:.2f}% (n={n} folds, sample std)"
+    fig.suptitle(f"{title}\n{summary}" if title else summary)
+    return _save_figure(fig, path)
+
+
+def save_comparison(
+    names: list[str],
+    accuracies: list[list[float]],
+    path: Path,
+    params: list[int | None] | None = None,
+    title: str | None = None,
+) -> Path:
+    """Test accuracy per entry: each seed a dot, the mean as a bar with +- sample std (ddof=1) error bars.
+
+    ``accuracies[i]``: entry i's per-seed accuracies as fractions in [0, 1] (one seed: the mean alone, no error
+    bar). ``params[i]``, when given, is written under the entry's name.
+    """
+    if not names or len(names) != len(accuracies) or (params is not None and len(params) != len(names)):
+        raise ValueError(f"got {len(names)} names, {len(accuracies)} accuracy lists and "
+                         f"{'no' if params is None else len(params)} params; pass one of each per entry")  # fmt: skip
+    values = [_as_percent(a, f"accuracies[{i}]") for i, a in enumerate(accuracies)]
+    fig = Figure(figsize=(max(5.0, 1.3 * len(names) + 2.0), 4.6), layout="constrained")
+    ax = fig.subplots()
+    for i, v in enumerate(values):
+        mean = float(v.mean())
+        std = float(v.std(ddof=1)) if v.size > 1 else 0.0
+        ax.errorbar(i, mean, yerr=std if v.size > 1 else None, fmt="_", markersize=22, color="C0",
+                    capsize=6, elinewidth=1.5, zorder=2)  # fmt: skip
+        offsets = np.linspace(-0.12, 0.12, v.size) if v.size > 1 else np.zeros(1)
+        ax.plot(i + offsets, v, "o", color="C1", markersize=5, alpha=0.8, zorder=3)
+        label = f"{mean:.2f}" + (f" +- {std:.2f}" if v.size > 1 else "") + f"\nn={v.size}"
+        ax.annotate(label, (i, max(float(v.max()), mean + std)), textcoords="offset points", xytext=(0, 6),
+                    ha="center", fontsize=8)  # fmt: skip
+    ticks = []
+    for i, name in enumerate(names):
+        p = params[i] if params is not None else None
+        ticks.append(name if p is None else f"{name}\n{p / 1e3:,.1f}k params")
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(ticks, fontsize=8)
+    ax.set_xlim(-0.6, len(names) - 0.4)
+    everything = np.concatenate(values)
+    spread = max(float(everything.max() - everything.min()), 0.05)
+    ax.set_ylim(everything.min() - 0.4 * spread, everything.max() + 0.5 * spread)
+    ax.set_ylabel("test accuracy (%)")
+    ax.plot([], [], "_", color="C0", markersize=12, label="mean +- std")
+    ax.plot([], [], "o", color="C1", markersize=5, label="one seed")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(alpha=0.3, axis="y")
+    note = "test accuracy: reported, never used to choose"
+    fig.suptitle(f"{title}\n{note}" if title else note)
+    return _save_figure(fig, path)
