@@ -98,8 +98,11 @@ def test_attacks_raise_the_loss_and_are_reproducible(trained, test_set, kind: st
     x = images[:32].float() / 255
     x_adv = _attack(kind, trained, x, y[:32], 0.1)
     with torch.no_grad():
-        assert F.cross_entropy(trained(x_adv), y[:32]) > F.cross_entropy(trained(x), y[:32]) + 0.1
+        assert F.cross_entropy(trained(x_adv), y[:32]) > 3 * F.cross_entropy(trained(x), y[:32])
     assert torch.equal(_attack(kind, trained, x, y[:32], 0.1), x_adv)
+    if kind.endswith("-eot"):  # the adaptive attack follows the defence's noise, so its seed matters
+        assert not torch.equal(_attack(kind, trained, x, y[:32], 0.1, seed=1), x_adv)
+        assert not torch.equal(_attack(kind.removesuffix("-eot"), trained, x, y[:32], 0.1), x_adv)
 
 
 def test_pgd_is_at_least_as_strong_as_fgsm(trained, test_set) -> None:

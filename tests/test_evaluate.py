@@ -149,7 +149,8 @@ def test_scaled_op_scales_distance_from_identity():
     sc = legibility.scaled_op(augment.Scale(p=0.5, min=0.9, max=1.2), 0.5)
     assert sc.min == pytest.approx(0.95) and sc.max == pytest.approx(1.1)
     assert legibility.scaled_op(augment.Stroke(p=0.5, max_radius=1), 2.0).max_radius == 2
-    assert legibility.scaled_op(augment.Contrast(p=1, gamma_min=0.5, gamma_max=2.0), 2.0).gamma_min == pytest.approx(0.25)
+    contrast = legibility.scaled_op(augment.Contrast(p=1, gamma_min=0.5, gamma_max=2.0), 2.0)
+    assert contrast.gamma_min == pytest.approx(0.25) and contrast.gamma_max == pytest.approx(4.0)
 
 
 def test_augment_check_warns_where_legibility_collapses(tiny_run, capsys):
@@ -205,3 +206,22 @@ def test_explain_gradcam_needs_spatial_features(tmp_path, capsys):
     assert code == 2 and "gradcam needs spatial feature maps" in err and "'mlp'" in err
     code, out, _ = run_cli(capsys, "explain", tmp_path / "mlp", "--index", "0", "--json")
     assert code == 0 and "gradcam" not in json.loads(out)["methods"]
+
+
+def test_cv_and_compare_commands(tmp_path, capsys):
+    folder = make_idx_dir(tmp_path / "tiny", num_classes=4)
+    sets = ["--set", "model.name=cnn1", "--set", "train.epochs=1", "--set", "augment.recipe=none"]
+    code, out, err = run_cli(capsys, "cv", "--folds", "3", "--data-dir", folder, *sets, "--out", tmp_path / "cv",
+                             "--quiet", "--json")  # fmt: skip
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["k"] == 3 and len(r["folds"]) == 3 and (tmp_path / "cv" / "cv.md").is_file()
+    code, out, _ = run_cli(capsys, "cv", "--folds", "1", "--data-dir", folder)
+    assert code == 2
+    spec = tmp_path / "a.yaml"
+    spec.write_text("model: {name: cnn1}\naugment: {recipe: none}\ntrain: {epochs: 1}\n")
+    code, out, err = run_cli(capsys, "compare", spec, "--seeds", "2", "--data-dir", folder, "--runs-root",
+                             tmp_path / "runs", "--out", tmp_path / "cmp", "--quiet")  # fmt: skip
+    assert code == 0, err
+    assert "cannot tell" in out or "| a |" in out or "a" in out
+    assert (tmp_path / "cmp" / "compare.json").is_file() and (tmp_path / "cmp" / "compare.png").is_file()

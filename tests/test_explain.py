@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from digitkit.errors import ConfigError
 from digitkit.explain import METHODS, attribute, integrated_gradients, normalize, overlay
 from digitkit.models import create_model, list_models
+
 from .conftest import synthetic_images
 
 SIZE = 28
@@ -135,14 +136,17 @@ def test_target_defaults_to_the_predicted_class_and_changes_the_map(trained: tor
 
 
 def test_integrated_gradients_is_complete(trained: torch.nn.Module) -> None:
-    """Attributions add up to logit(x) - logit(black), within 2% with 64 midpoint steps."""
+    """Attributions add up to logit(x) - logit(black): within 3% at 16 midpoint steps, 1% at 64.
+
+    (Right-endpoint sums miss both on this model: 5% and 1.4%.)"""
     x, y = region_data(8, seed=3)
-    attributions = integrated_gradients(trained, x, y, steps=64)
-    assert attributions.shape == x.shape
     with torch.no_grad():
         gap = (trained(x) - trained(torch.zeros_like(x))).gather(1, y.view(-1, 1))[:, 0]
     assert gap.abs().min() > 1  # a trained model: the check below is not 0 ~ 0
-    torch.testing.assert_close(attributions.sum(dim=(1, 2, 3)), gap, rtol=0.02, atol=0.05)
+    for steps, rtol in ((16, 0.03), (64, 0.01)):
+        attributions = integrated_gradients(trained, x, y, steps=steps)
+        assert attributions.shape == x.shape
+        torch.testing.assert_close(attributions.sum(dim=(1, 2, 3)), gap, rtol=rtol, atol=0.0)
 
 
 def test_integrated_gradients_batches_like_it_loops(trained: torch.nn.Module, monkeypatch) -> None:
@@ -224,18 +228,19 @@ def test_works_inside_no_grad() -> None:
 # -------------------------------------------------------------------------------------------------- overlay
 
 
-def test_overlay_keeps_the_digit_where_nothing_mattered_and_colours_the_rest() -> None:
+def test_overlay_dims_the_digit_where_nothing_mattered_and_colours_the_hot_pixels() -> None:
     image = np.zeros((6, 6))
     image[2:4, :] = 1.0
     att = np.zeros((6, 6))
-    att[0, 0] = 1.0
+    att[0, 0] = att[2, 0] = 1.0
     out = overlay(image, att, alpha=0.5)
     assert out.shape == (6, 6, 3) and out.dtype == np.uint8
-    gray = (image * 255).round().astype(np.uint8)
-    mask = att == 0
-    for c in range(3):
-        assert np.array_equal(out[..., c][mask], gray[mask])  # untouched: the digit in gray
-    assert len(set(out[0, 0].tolist())) > 1  # the hot pixel is coloured, not gray
-    assert np.array_equal(overlay(image, att, alpha=0.0)[..., 0], gray)
+    cold = out[att == 0].astype(int)
+    half_gray = np.round(0.5 * 255 * image[att == 0]).astype(int)
+    assert (np.abs(cold - half_gray[:, None]) <= 4).all()  # a dimmed gray digit: the colour map starts at black
+    hot_bg, hot_stroke, cold_stroke = out[0, 0].astype(int), out[2, 0].astype(int), out[2, 1].astype(int)
+    assert hot_bg.max() - hot_bg.min() > 30 and hot_bg.sum() > 150  # glows on the background, in colour
+    assert hot_stroke.sum() > cold_stroke.sum() + 150  # and brightens a dimmed stroke
+    assert np.array_equal(overlay(image, att, alpha=0.0)[..., 0], (image * 255).astype(np.uint8))
     with pytest.raises(ValueError, match="same"):
         overlay(image, np.zeros((5, 6)))

@@ -275,3 +275,151 @@ def test_no_pyplot_figures_are_left_open(tmp_path: Path) -> None:
     plots.save_history(_history(2), tmp_path / "h.png")
     plots.save_confusion(np.eye(3, dtype=int) * 5, ["a", "b", "c"], tmp_path / "cm.png")
     assert len(plt.get_fignums()) == before
+
+
+# ------------------------------------------------------------------------------------------ explanation figures
+
+
+def _explanation_inputs() -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    yy, xx = np.mgrid[0:28, 0:28]
+    image = ((np.abs(xx - 14) < 2) & (np.abs(yy - 14) < 9)).astype(np.float64)  # a "1"
+    heat = np.exp(-((xx - 14) ** 2 + (yy - 8) ** 2) / 20.0)
+    return image, {"saliency": heat, "gradcam": heat.T}
+
+
+def test_save_explanation_is_one_readable_row(tmp_path: Path) -> None:
+    image, maps = _explanation_inputs()
+    one = plots.save_explanation(image, {"saliency": maps["saliency"]}, "1", 0.9934, tmp_path / "one.png")
+    two = plots.save_explanation(image, maps, "1", 0.9934, tmp_path / "sub" / "two.png", title="test image 3")
+    _open_png(one, min_width=300, min_height=200)
+    gray = _open_png(two, min_width=500, min_height=200)
+    assert gray.shape[1] > 1.5 * gray.shape[0], "input + 2 x (map, overlay) should be a wide single row"
+    with Image.open(one) as a, Image.open(two) as b:
+        assert b.width > a.width  # one map + overlay pair more
+
+
+def test_save_explanation_rejects_mismatched_maps(tmp_path: Path) -> None:
+    image, maps = _explanation_inputs()
+    with pytest.raises(ValueError, match="shape"):
+        plots.save_explanation(image, {"saliency": maps["saliency"][:20]}, "1", 0.5, tmp_path / "x.png")
+    with pytest.raises(ValueError, match="no maps"):
+        plots.save_explanation(image, {}, "1", 0.5, tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# evaluation figures: reliability, error gallery, robustness, attack curves
+
+
+def _calibration_dict(n: int = 500, seed: int = 0) -> dict:
+    from digitkit import metrics
+
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, n)
+    logits = rng.normal(size=(n, 10)) * 2
+    logits[np.arange(n), labels] += 3
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    return metrics.calibration(probs, labels, bins=15)
+
+
+def test_save_reliability_is_a_readable_png(tmp_path: Path) -> None:
+    path = tmp_path / "eval" / "reliability.png"
+    assert plots.save_reliability(_calibration_dict(), path, title="test split") == path
+    _open_png(path, min_width=500, min_height=500)
+
+
+def test_save_reliability_rejects_bad_input(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="calibration"):
+        plots.save_reliability({}, tmp_path / "r.png")
+    cal = _calibration_dict()
+    del cal["bins"][3]["accuracy"]
+    with pytest.raises(ValueError, match="accuracy"):
+        plots.save_reliability(cal, tmp_path / "r.png")
+    cal = _calibration_dict()
+    cal["bins"][14]["accuracy"] = 98.0  # a percentage
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        plots.save_reliability(cal, tmp_path / "r.png")
+    assert not (tmp_path / "r.png").exists()
+
+
+def _gallery_inputs() -> tuple[np.ndarray, list[dict], list[int]]:
+    """30 constant images (value 10 + 8 i, never the padding gray) and their error groups: (1 -> 7) with 10
+    errors at confidences falling with the index, (4 -> 9) with 3, (3 -> 5) with 1."""
+    from digitkit import metrics
+
+    values = [v for v in range(10, 250, 8) if v not in (plots.PAD_GRAY, 40)][:30]
+    images = np.stack([np.full((1, 28, 28), v, np.uint8) for v in values])
+    labels = np.array([1] * 10 + [4] * 3 + [3] + [0] * 16)
+    preds = np.array([7] * 10 + [9] * 3 + [5] + [0] * 16)
+    conf = np.linspace(0.99, 0.5, 30)
+    probs = np.full((30, 10), 0.0)
+    probs[:] = ((1 - conf) / 9)[:, None]
+    probs[np.arange(30), preds] = conf
+    return images, metrics.error_groups(labels, probs), values
+
+
+def _tile_shown(gallery: np.ndarray, value: int) -> bool:
+    return int((gallery == value).sum()) >= (28 * plots.GALLERY_SCALE) ** 2
+
+
+def test_save_error_gallery_shows_the_most_confident_errors_per_group(tmp_path: Path) -> None:
+    images, groups, values = _gallery_inputs()
+    path = tmp_path / "errors.png"
+    classes = [str(i) for i in range(10)]
+    assert plots.save_error_gallery(images, groups, classes, path, per_group=4, title="errors") == path
+    gray = _open_png(path, min_width=400, min_height=200)
+    with Image.open(path) as img:
+        rgb = np.asarray(img.convert("RGB"))
+    assert (rgb[..., 0] == rgb[..., 2]).all()  # gray tiles and white text only
+    for i in (0, 1, 2, 3, 10, 11, 12, 13):  # the 4 most confident of (1 -> 7), all of (4 -> 9) and (3 -> 5)
+        assert _tile_shown(gray, values[i]), f"error {i} is missing"
+    for i in (4, 9, 14):  # beyond per_group, and a correct prediction
+        assert not _tile_shown(gray, values[i]), f"image {i} should not be shown"
+
+    capped = plots.save_error_gallery(images[:, 0], groups, classes, tmp_path / "capped.png", max_groups=2)
+    capped_gray = _open_png(capped, min_width=400, min_height=150)
+    assert capped_gray.shape[0] < gray.shape[0]  # one row fewer (the footer counts the rest)
+    assert not _tile_shown(capped_gray, values[13])
+    assert _tile_shown(capped_gray, values[4])  # per_group 8 by default
+
+
+def test_save_error_gallery_rejects_bad_input(tmp_path: Path) -> None:
+    images, groups, _ = _gallery_inputs()
+    classes = [str(i) for i in range(10)]
+    with pytest.raises(ValueError, match="no error groups"):
+        plots.save_error_gallery(images, [], classes, tmp_path / "e.png")
+    with pytest.raises(ValueError, match="only 5 images"):
+        plots.save_error_gallery(images[:5], groups, classes, tmp_path / "e.png")
+    with pytest.raises(ValueError, match="uint8"):
+        plots.save_error_gallery(images.astype(np.float32), groups, classes, tmp_path / "e.png")
+    with pytest.raises(ValueError, match="class names"):
+        plots.save_error_gallery(images, groups, classes[:5], tmp_path / "e.png")
+    assert not (tmp_path / "e.png").exists()
+
+
+def test_save_robustness_is_a_readable_png(tmp_path: Path) -> None:
+    results = {"clean": 0.993, "augmented": 0.975, "gaussian noise": 0.96, "blur": 0.91, "fog": 0.62}
+    path = plots.save_robustness(results, tmp_path / "robustness.png", title="cnn3")
+    _open_png(path, min_width=500, min_height=200)
+    with pytest.raises(ValueError, match="divide by 100"):
+        plots.save_robustness({"clean": 99.3}, tmp_path / "bad.png")
+    with pytest.raises(ValueError, match="no results"):
+        plots.save_robustness({}, tmp_path / "bad.png")
+    assert not (tmp_path / "bad.png").exists()
+
+
+def test_save_attack_curves_is_a_readable_png(tmp_path: Path) -> None:
+    curves = {
+        "FGSM": [(0.0, 0.99), (0.05, 0.9), (0.1, 0.7), (0.2, 0.3)],
+        "PGD": [(0.2, 0.05), (0.0, 0.99), (0.1, 0.4), (0.05, 0.8)],  # any order
+        "FGSM + noise defence": [(0.0, 0.98), (0.05, 0.93), (0.1, 0.8), (0.2, 0.5)],
+    }
+    path = plots.save_attack_curves(curves, tmp_path / "adversarial.png")
+    _open_png(path, min_width=500, min_height=300)
+    with pytest.raises(ValueError, match="no curves"):
+        plots.save_attack_curves({}, tmp_path / "bad.png")
+    with pytest.raises(ValueError, match="pairs"):
+        plots.save_attack_curves({"FGSM": [0.1, 0.2]}, tmp_path / "bad.png")
+    with pytest.raises(ValueError, match="divide by 100"):
+        plots.save_attack_curves({"FGSM": [(0.0, 99.0)]}, tmp_path / "bad.png")
+    assert not (tmp_path / "bad.png").exists()

@@ -130,7 +130,9 @@ def robustness_curves(
     """
     unknown = [a for a in attacks if a not in ATTACKS]
     if unknown or not attacks:
-        raise ConfigError(f"unknown attack {unknown[0] if unknown else '(none)'!r}; expected some of: {', '.join(ATTACKS)}")
+        raise ConfigError(
+            f"unknown attack {unknown[0] if unknown else '(none)'!r}; expected some of: {', '.join(ATTACKS)}"
+        )
     for eps in epsilons:
         _check_eps(eps)
     _check_defence(defence_sigma, defence_samples)

@@ -384,8 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--quick", action="store_true", help="clean metrics only: no corruptions, augmentation, attacks")
     ev.add_argument("--no-corruptions", action="store_true", help="skip the corruption suite")
     ev.add_argument("--no-adversarial", action="store_true", help="skip FGSM/PGD")
-    ev.add_argument("--adversarial-n", type=int, default=1000, help="images attacked (default 1000)")
-    ev.add_argument("--defence-sigma", type=float, help="noise defence sigma to compare against (default 0.3)")
+    ev.add_argument("--adversarial-n", type=int, default=500, help="images attacked (default 500)")
+    ev.add_argument("--defence-sigma", type=float,
+                    help="noise defence sigma to compare against when the run has none (default 0.05)")
     ev.add_argument("--seed", type=int, default=0, help="seeds corrupted copies, attacks and defence noise")
     ev.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)
     ev.add_argument("--json", action="store_true", help="print every figure as one JSON object")
@@ -406,6 +407,35 @@ def build_parser() -> argparse.ArgumentParser:
     xp.add_argument("--seed", type=int, default=0, help="seeds SmoothGrad's noise")
     xp.add_argument("--json", action="store_true")
     xp.set_defaults(func=cmd_explain)
+
+    c = sub.add_parser("cv", help="stratified k-fold cross-validation on the training set (mean +- std)",
+                       epilog="example: digitkit cv --config configs/default.yaml --folds 5 --workers 2")
+    c.add_argument("--config", help="training config (default: built-in defaults)")
+    c.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
+    c.add_argument("--folds", type=_positive, default=5, help="K (default 5; 10 is the other usual choice)")
+    c.add_argument("--workers", type=_positive, default=1, help="folds trained in parallel processes")
+    c.add_argument("--final", action="store_true", help="then train one model on the training set as `train` does")
+    c.add_argument("--data-dir", help="folder with the IDX files (default: the config's data.dir)")
+    c.add_argument("--out", help="output folder (default: runs/<time>-cv<K>-<model>)")
+    c.add_argument("--runs-root", default="runs", help=argparse.SUPPRESS)
+    c.add_argument("--quiet", action="store_true")
+    c.add_argument("--progress", action="store_true", help="progress bars even when not on a terminal")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_cv)
+
+    cmp = sub.add_parser("compare", help="train (or reuse) several configs over seeds and compare them",
+                         epilog="example: digitkit compare configs/compare-depth.yaml --seeds 3")
+    cmp.add_argument("specs", nargs="+", metavar="CONFIG", help="training configs or comparison files")
+    cmp.add_argument("--seeds", type=_positive, help="seeds per entry (default: the file's seeds:, else 3)")
+    cmp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override applied to every entry")
+    cmp.add_argument("--data-dir", help="folder with the IDX files (default: each config's data.dir)")
+    cmp.add_argument("--retrain", action="store_true", help="train again even where a finished run exists")
+    cmp.add_argument("--out", help="output folder (default: runs/compare-<time>)")
+    cmp.add_argument("--runs-root", default="runs", help=argparse.SUPPRESS)
+    cmp.add_argument("--quiet", action="store_true")
+    cmp.add_argument("--progress", action="store_true")
+    cmp.add_argument("--json", action="store_true")
+    cmp.set_defaults(func=cmd_compare)
 
     m = sub.add_parser("models", help="registered models with parameters and multiply-adds per image")
     m.add_argument("--json", action="store_true")
@@ -537,6 +567,56 @@ def cmd_explain(args: argparse.Namespace) -> int:
     else:
         print(f"{what}: predicted {result['predicted']} (p = {result['confidence']:.3f})"
               + (f", true {true}" if true is not None else "") + f"; {', '.join(methods)} -> {out}")
+    return 0
+
+
+# -------------------------------------------------------------------------------------- cv, compare
+class LabelledReporter(ConsoleReporter):
+    """Epoch lines prefixed with the run's label ("fold 2/5"); no bar when several runs share the terminal."""
+
+    def __init__(self, label: str, bar: bool):
+        super().__init__(bar=bar)
+        self.label = label
+
+    def epoch_end(self, row: dict[str, float]) -> None:
+        print(f"[{self.label}] ", end="", file=self.stream)
+        super().epoch_end(row)
+
+
+def _reporter_factory(args: argparse.Namespace, parallel: bool = False) -> Any:
+    if args.quiet:
+        return None
+    bar = (sys.stderr.isatty() or getattr(args, "progress", False)) and not parallel
+    return lambda label: LabelledReporter(label, bar)
+
+
+def cmd_cv(args: argparse.Namespace) -> int:
+    from digitkit import config, cv
+
+    cfg = config.load(args.config, (args.set or []) + ([f"data.dir={args.data_dir}"] if args.data_dir else []))
+    result = cv.run_cv(cfg, folds=args.folds, workers=args.workers, out=Path(args.out) if args.out else None,
+                       root=Path(args.runs_root), final=args.final,
+                       reporter_factory=_reporter_factory(args, parallel=args.workers > 1))  # fmt: skip
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(cv.cv_markdown(result, Path(result["cv_dir"]).name))
+    print(f"wrote {result['cv_dir']}/cv.json, cv.md, cv.png")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from digitkit import compare
+
+    overrides = (args.set or []) + ([f"data.dir={args.data_dir}"] if args.data_dir else [])
+    result = compare.run_compare([Path(s) for s in args.specs], seeds=args.seeds, root=Path(args.runs_root),
+                                 out=Path(args.out) if args.out else None, reuse=not args.retrain,
+                                 reporter_factory=_reporter_factory(args), overrides=overrides)  # fmt: skip
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(compare.compare_markdown(result))
+    print(f"wrote {result['compare_dir']}/compare.json, compare.md, compare.png")
     return 0
 
 

@@ -1,7 +1,7 @@
 """Compare training configs over several seeds: is a difference bigger than the seed-to-seed noise?
 
 A spec is either a training config (configs/default.yaml: one entry, named after the file) or a comparison file
-(a mapping with `entries:`):
+(a mapping with `entries:`; `base:` or `seeds:` also mark one, none of them is a training config key):
 
     base: default.yaml        # training config the entries start from, relative to this file; absent = defaults
     seeds: 3                  # seeds per entry (base seed, +1, +2 ...); run_compare(seeds=N) overrides it
@@ -40,7 +40,7 @@ from digitkit.config import Config
 from digitkit.cv import ReporterFactory
 from digitkit.errors import ConfigError, DataError
 from digitkit.idx import atomic_write_bytes
-from digitkit.train import LAST
+from digitkit.train import LAST, Reporter
 
 DEFAULT_SEEDS = 3
 NOISE_STANDARD_ERRORS = 2.0
@@ -63,10 +63,14 @@ class Entry:
     """`--set` style KEY=VALUE strings applied to `base`, seed excluded."""
     seeds: list[int]
 
-    def config(self, seed: int) -> Config:
+    def config(self, seed: int | None = None) -> Config:
+        """The resolved config with `seed` set (None: the config's own seed)."""
+        seed_override = [] if seed is None else [f"seed={seed}"]
         try:
-            return config.load(self.base, [*self.overrides, f"seed={seed}"])
+            return config.load(self.base, [*self.overrides, *seed_override])
         except ConfigError as e:
+            if self.base == self.source:  # a training config given directly: config.load named the file
+                raise
             raise ConfigError(f"{self.source}: entry {self.name!r}: {e}") from None
 
 
@@ -99,7 +103,7 @@ def _read_spec(spec: Path, seeds: int | None, overrides: list[str]) -> list[Entr
         raise ConfigError(f"{spec}: comparison or config file not found") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{spec}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not (isinstance(raw, dict) and "entries" in raw):
+    if not (isinstance(raw, dict) and set(raw) & set(_SPEC_KEYS)):
         # A training config: one entry named after the file.
         entry = Entry(spec.stem, spec, spec, overrides, [])
         entry.seeds = _seed_list(entry, seeds or DEFAULT_SEEDS)
@@ -111,7 +115,7 @@ def _read_spec(spec: Path, seeds: int | None, overrides: list[str]) -> list[Entr
     n_seeds = seeds if seeds is not None else raw.get("seeds", DEFAULT_SEEDS)
     if isinstance(n_seeds, bool) or not isinstance(n_seeds, int) or n_seeds < 1:
         raise ConfigError(f"{spec}: seeds = {n_seeds!r}: expected a whole number >= 1, e.g. seeds: 3")
-    items = raw["entries"]
+    items = raw.get("entries")
     if not isinstance(items, list) or not items:
         raise ConfigError(f"{spec}: entries must be a non-empty list like - {{name: cnn1, set: {{model.name: cnn1}}}}")
     base = _base_path(spec, raw.get("base"), "base")
@@ -154,11 +158,8 @@ def _base_path(spec: Path, value: Any, key: str) -> Path | None:
 
 def _seed_list(entry: Entry, n: int) -> list[int]:
     # Loading the config here checks it before anything trains; the seeds count up from its own seed.
-    try:
-        first = config.load(entry.base, entry.overrides)
-    except ConfigError as e:
-        raise ConfigError(f"{entry.source}: entry {entry.name!r}: {e}") from None
-    return [first.seed + i for i in range(n)]
+    first = entry.config().seed
+    return [first + i for i in range(n)]
 
 
 def config_hash(cfg: Config) -> str:
@@ -232,7 +233,7 @@ def _new_dir(root: Path, base: str) -> Path:
     raise DataError(f"{root}: could not create a new folder named {base}-N")
 
 
-def _train_or_reuse(cfg: Config, run_dir: Path, reuse: bool, reporter: Any) -> tuple[dict[str, Any], bool]:
+def _train_or_reuse(cfg: Config, run_dir: Path, reuse: bool, reporter: Reporter | None) -> tuple[dict[str, Any], bool]:
     if (run_dir / "summary.json").is_file():
         if reuse:
             return _finished_summary(cfg, run_dir), True

@@ -112,7 +112,7 @@ def run_cv(
             "fold": i, "n_train": len(train_idx), "n_val": len(val_idx),
             "val_accuracy": s["val_accuracy"], "val_log_loss": s["val_log_loss"],
             "best_epoch": s["best_epoch"], "epochs": s["epochs"],
-            "seconds": s["total_seconds"], "train_seconds": s["train_seconds"],
+            "seconds": round(s["wall_seconds"], 2), "train_seconds": s["train_seconds"],
             "val_class_counts": torch.bincount(full.labels[val_idx], minlength=full.num_classes).tolist(),
             "run_dir": f"fold-{i}",
         })  # fmt: skip
@@ -129,8 +129,8 @@ def run_cv(
         "selection": "each fold's held-out part picks its checkpoint and scores it (the standard k-fold "
         "estimate); the test files are not used",
         "std": "sample standard deviation over folds (ddof=1)",
-        "val_accuracy": {"mean": statistics.mean(accs), "std": statistics.stdev(accs), "min": min(accs), "max": max(accs)},
-        "val_log_loss": {"mean": statistics.mean(losses), "std": statistics.stdev(losses)},
+        "val_accuracy": {**_mean_std(accs), "min": min(accs), "max": max(accs)},
+        "val_log_loss": _mean_std(losses),
         "folds": per_fold,
     }
     plots.save_cv(accs, cv_dir / "cv.png", title=f"{folds}-fold cross-validation: {cfg.model.name} ({cv_dir.name})")
@@ -174,9 +174,15 @@ def _train_fold(
     run_dir: Path,
     reporter: Reporter | None,
 ) -> dict[str, Any]:
-    """One fold: an ordinary run on index subsets of the training files, without a test set."""
+    """One fold: an ordinary run on index subsets of the training files, without a test set.
+
+    Returns the run's summary plus `wall_seconds`, the whole call (the summary's total_seconds stops before the
+    run's final evaluation and figures).
+    """
+    started = time.perf_counter()
     datasets = (full.subset(train_idx), full.subset(val_idx), None)
-    return runs.train_run(cfg, out=run_dir, reporter=reporter, datasets=datasets, point_latest_link=False)
+    summary = runs.train_run(cfg, out=run_dir, reporter=reporter, datasets=datasets, point_latest_link=False)
+    return {**summary, "wall_seconds": time.perf_counter() - started}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -260,7 +266,10 @@ def _fold_result(future: Future, fold: int, k: int) -> dict[str, Any]:
     except DigitkitError as e:
         raise type(e)(f"fold {fold}/{k}: {e}") from e
     except BrokenProcessPool as e:
-        raise DigitkitError(f"fold {fold}/{k}: its worker process died (out of memory?); try fewer --workers") from e
+        raise DigitkitError(
+            f"fold {fold}/{k}: its worker process stopped abruptly (out of memory or killed; or, from a script, "
+            "run_cv(workers > 1) called without an `if __name__ == '__main__':` guard); try fewer workers"
+        ) from e
     except Exception as e:
         raise DigitkitError(f"fold {fold}/{k} failed in its worker process: {type(e).__name__}: {e}") from e
 
@@ -278,6 +287,10 @@ def _forward_events(events: Any, reporters: dict[str, Reporter], factory: Report
 
 # ----------------------------------------------------------------------------------------------------------
 # Output
+
+
+def _mean_std(values: list[float]) -> dict[str, float]:
+    return {"mean": statistics.mean(values), "std": statistics.stdev(values)}  # stdev: ddof=1
 
 
 def _write_json(path: Path, obj: dict[str, Any]) -> None:

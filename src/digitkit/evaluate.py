@@ -112,14 +112,17 @@ class EvalOptions:
     augmented: bool = True
     """Accuracy on an augmented copy (the run's training recipe; `standard` if it trained without one)."""
     adversarial: bool = True
-    adversarial_n: int = 1000
-    """Images attacked (a seeded stratified sample): PGD costs steps x forward and backward passes per image."""
+    adversarial_n: int = 500
+    """Images attacked (a seeded stratified sample): PGD costs steps x forward and backward passes per image,
+    times the defence's samples for the adaptive attack on the defended model."""
     epsilons: tuple[float, ...] = (0.0, 0.05, 0.1, 0.2)
     """L-infinity budgets in pixel units ([0, 1])."""
     pgd_steps: int = 10
-    defence_sigma: float = 0.3
-    """Noise defence evaluated beside the undefended model when the run's config has it off."""
-    defence_samples: int = 8
+    defence_sigma: float = 0.05
+    """Noise defence evaluated beside the undefended model when the run's config has it off. Small on purpose:
+    a model trained without noise loses most of its clean accuracy at sigma 0.15 (measured on the default
+    model: 99.3% at 0.05, 89.6% at 0.1, 37% at 0.15); larger sigmas need training with augment.noise."""
+    defence_samples: int = 4
     calibration_bins: int = 15
     seed: int = 0
     """Seeds the corrupted and augmented copies, the attacks and the defence's noise: reruns are identical."""
@@ -205,11 +208,11 @@ def evaluate_model(
         n = min(opts.adversarial_n, len(labels))
         # A seeded, class-stratified sample: the held-out side of a stratified split.
         idx = torch.arange(len(labels)) if n == len(labels) else stratified_split(labels, n / len(labels), opts.seed)[1]
-        defence = sigma if sigma > 0 else opts.defence_sigma
+        defence, defence_samples = (sigma, samples) if sigma > 0 else (opts.defence_sigma, opts.defence_samples)
         model.cpu()
         results["adversarial"] = robustness_curves(
             model, images[idx], labels[idx], epsilons=opts.epsilons, attacks=("fgsm", "pgd"),
-            defence_sigma=defence, defence_samples=opts.defence_samples, pgd_steps=opts.pgd_steps,
+            defence_sigma=defence, defence_samples=defence_samples, pgd_steps=opts.pgd_steps,
             seed=opts.seed,
         )  # fmt: skip
         model.to(device)

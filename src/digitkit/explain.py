@@ -116,8 +116,8 @@ def integrated_gradients(
 def overlay(image: np.ndarray, attribution: np.ndarray, alpha: float = 0.5, cmap: str = "inferno") -> np.ndarray:
     """Gray digit (H, W) in [0, 1] with a heat map of `attribution` (H, W) in [0, 1] on top -> (H, W, 3) uint8.
 
-    The heat is blended in proportion to the attribution (at most `alpha`), so pixels that did not matter
-    show the digit unchanged and the hot ones stand out.
+    rgb = (1 - alpha) * gray + alpha * cmap(attribution). inferno starts at black, so where nothing mattered
+    the digit shows dimmed on its black background, and the hot pixels glow orange to yellow.
     """
     from matplotlib import colormaps  # lazy: the server imports this module without drawing anything
 
@@ -130,8 +130,7 @@ def overlay(image: np.ndarray, attribution: np.ndarray, alpha: float = 0.5, cmap
     if not 0 <= alpha <= 1:
         raise ValueError(f"overlay alpha must be in [0, 1]; got {alpha}")
     heat = colormaps[cmap](att)[..., :3]
-    weight = (alpha * att)[..., None]
-    rgb = (1 - weight) * img[..., None] + weight * heat
+    rgb = (1 - alpha) * img[..., None] + alpha * heat
     return (rgb * 255).round().clip(0, 255).astype(np.uint8)
 
 

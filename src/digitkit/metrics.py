@@ -254,8 +254,8 @@ def diagnose(
     - "converged": none of the above.
 
     `val_accuracy` is the kept checkpoint's accuracy as evaluated; without it the best val_acc in the history
-    stands in. Train accuracy is measured during the epoch on augmented batches with label smoothing in the
-    loss, so it sitting below validation is normal and never counts against the run.
+    stands in. Train accuracy is averaged during the epoch on augmented batches (with label smoothing in the
+    loss), so it sitting below validation is normal and never counts against the run; the reasons say so.
     """
     if not history:
         raise ValueError("diagnose needs at least one metrics.csv row (epoch, train_loss, train_acc, val_loss, ...)")
@@ -277,7 +277,7 @@ def diagnose(
     if gap_pp > overfit_gap_pp:
         found.setdefault("overfitting", []).append(
             f"train {_pct(train_acc)} vs validation {_pct(val_acc)} (gap {gap_pp:.1f} pp) at epoch {e}, above the "
-            f"{overfit_gap_pp:g} pp threshold, although train accuracy is measured on augmented batches"
+            f"{overfit_gap_pp:g} pp threshold (and train accuracy is the harder, in-epoch measure)"
         )
     if len(rows) > rising_epochs >= 1:
         w = slice(-rising_epochs - 1, None)
@@ -315,9 +315,9 @@ def diagnose(
     reasons = found[verdict] + [r for v, rs in found.items() if v != verdict for r in rs]
     if train_acc < val_acc:
         reasons.append(
-            f"train {_pct(train_acc)} is below validation {_pct(val_acc)} at epoch {e}: normal here, since train "
-            "accuracy is measured during the epoch on augmented batches with label smoothing in the loss; it is "
-            "not a sign of a problem"
+            f"train {_pct(train_acc)} is below validation {_pct(val_acc)} at epoch {e}: normal, not a problem; train "
+            "accuracy is averaged over the epoch while the weights still change, on augmented batches when "
+            "augmentation is on, with any dropout active and any label smoothing in the loss"
         )
     return {"verdict": verdict, "reasons": reasons, "next_steps": _next_steps(verdict, epochs[best], len(rows), lrs)}
 

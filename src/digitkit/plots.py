@@ -431,6 +431,195 @@ def save_pairs_grid(
 # (reliability diagram, error gallery, robustness and adversarial charts)
 
 
+def save_reliability(calib: dict, path: Path, title: str | None = None) -> Path:
+    """Reliability diagram from ``metrics.calibration``'s dict ``{ece, mce, bins: [{lo, hi, count, confidence,
+    accuracy}]}``: per confidence bin the accuracy (bar) against the diagonal of perfect calibration, the gap
+    to the bin's mean confidence hatched, and underneath the number of predictions per bin (log scale when
+    they span decades: on a good digit model nearly all of them sit in the top bin). ECE and MCE in the title.
+    """
+    bins = calib.get("bins") if isinstance(calib, dict) else None
+    if not bins or "ece" not in calib:
+        raise ValueError("save_reliability needs metrics.calibration(...)'s dict {ece, mce, bins: [...]}")
+    keys = ("lo", "hi", "count", "confidence", "accuracy")
+    missing = [k for k in keys if any(k not in b for b in bins)]
+    if missing:
+        raise ValueError(f"every calibration bin needs {list(keys)}; some lack {missing}")
+    lo, hi, count, conf, acc = (np.array([float(b[k]) for b in bins]) for k in keys)
+    if (count < 0).any() or not (hi > lo).all() or ((acc < 0) | (acc > 1) | (conf < 0) | (conf > 1)).any():
+        raise ValueError("calibration bins need counts >= 0, lo < hi, and accuracy and confidence in [0, 1]")
+    filled = count > 0
+    width = hi - lo
+
+    fig = Figure(figsize=(6.0, 6.6), layout="constrained")
+    ax, ax_n = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1))
+    ax.plot([0, 1], [0, 1], color="0.35", linestyle="--", linewidth=1, label="perfect calibration")
+    ax.bar(lo[filled], acc[filled], width=width[filled], align="edge", color="C0", edgecolor="white",
+           label="accuracy in bin")  # fmt: skip
+    ax.bar(lo[filled], (conf - acc)[filled], bottom=acc[filled], width=width[filled], align="edge",
+           color="C3", alpha=0.25, hatch="//", edgecolor="C3", linewidth=0, label="gap to mean confidence")  # fmt: skip
+    ax.plot(conf[filled], acc[filled], "o", color="C1", markersize=4, label="(mean confidence, accuracy)")
+    ax.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+
+    ax_n.bar(lo, count, width=width, align="edge", color="0.55", edgecolor="white")
+    if filled.any() and count.max() / count[filled].min() > 20:
+        ax_n.set_yscale("log")
+    if len(bins) <= 20:
+        for x, n in zip(lo + width / 2, count, strict=True):
+            if n > 0:
+                ax_n.annotate(f"{int(n):,}", (x, n), textcoords="offset points", xytext=(0, 2), ha="center",
+                              fontsize=7)  # fmt: skip
+    ax_n.set(xlabel="confidence (max probability)", ylabel="predictions")
+    ax_n.grid(alpha=0.3, axis="y")
+
+    total = int(count.sum())
+    mce = f", MCE {100 * float(calib['mce']):.2f}%" if "mce" in calib else ""
+    summary = f"ECE {100 * float(calib['ece']):.2f}%{mce} ({total:,} predictions, {len(bins)} bins)"
+    fig.suptitle(f"{title}\n{summary}" if title else f"reliability: {summary}")
+    return _save_figure(fig, path)
+
+
+GALLERY_SCALE = 3  # 28 px digits become 84 px tiles: strokes readable at 1:1 in a report
+
+
+def save_error_gallery(
+    images: np.ndarray,
+    groups: list[dict],
+    classes: list[str],
+    path: Path,
+    per_group: int = 8,
+    max_groups: int = 12,
+    title: str | None = None,
+) -> Path:
+    """One row per (true -> predicted) group from ``metrics.error_groups``, largest group first: its
+    ``per_group`` most confident errors, each captioned with the confidence of the wrong answer, the row
+    labelled "7 -> 1 (23)" (23 errors in the group). At most ``max_groups`` rows; a footer counts the rest.
+
+    ``images`` (N, 1, H, W) or (N, H, W) uint8, indexed by the groups' ``indices``; ``classes`` names the
+    groups' ``true`` and ``predicted`` class indices.
+    """
+    if per_group < 1 or max_groups < 1:
+        raise ValueError(f"need per_group >= 1 and max_groups >= 1; got {per_group} and {max_groups}")
+    if not groups:
+        raise ValueError("save_error_gallery got no error groups: there are no errors to show")
+    x = _as_image_stack(images, "images")
+    shown = groups[:max_groups]
+    rows: list[tuple[str, Image.Image]] = []
+    for g in shown:
+        idx = [int(i) for i in g["indices"][:per_group]]
+        conf = [float(c) for c in g["confidences"][:per_group]]
+        if not idx or len(conf) != len(idx):
+            raise ValueError(f"group {g.get('true')} -> {g.get('predicted')} needs indices and as many confidences")
+        if min(idx) < 0 or max(idx) >= len(x):
+            raise ValueError(f"group indices go up to {max(idx)} but there are only {len(x)} images")
+        t, p = int(g["true"]), int(g["predicted"])
+        if not (0 <= t < len(classes) and 0 <= p < len(classes)):
+            raise ValueError(f"group {t} -> {p} names a class outside the {len(classes)} class names")
+        grid = image_grid(x[idx], per_group, pad=2, scale=GALLERY_SCALE, labels=[f"{100 * c:.1f}%" for c in conf])
+        rows.append((f"{classes[t]} -> {classes[p]} ({g['count']})", grid))
+
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_w = 16 + int(max(draw.textlength(label, font=_font()) for label, _ in rows))
+    row_gap = 4
+    grid_w = 2 + per_group * (x.shape[2] * GALLERY_SCALE + 2)
+    text_h = _text_height() + 4
+    rest = groups[len(shown) :]
+    lines = [title or "most confident errors", "row: true -> predicted (errors in group); caption: confidence"]
+    head_h = text_h * len(lines)
+    foot_h = text_h if rest else 0
+    width = max(label_w + grid_w, 360)
+    height = head_h + sum(grid.height + row_gap for _, grid in rows) + foot_h
+    out = Image.new("RGB", (width, height), (40, 40, 40))
+    draw = ImageDraw.Draw(out)
+    for i, line in enumerate(lines):
+        draw.text((6, text_h * i + text_h / 2), _fit_text(draw, line, width - 12), fill=(255,) * 3, font=_font(),
+                  anchor="lm")  # fmt: skip
+    top = head_h
+    for label, grid in rows:
+        out.paste(Image.new("RGB", (width, grid.height), (PAD_GRAY,) * 3), (0, top))
+        out.paste(grid.convert("RGB"), (label_w, top))
+        draw.text((8, top + grid.height / 2), label, fill=(255,) * 3, font=_font(), anchor="lm")
+        top += grid.height + row_gap
+    if rest:
+        more = f"+ {len(rest)} more groups with {sum(int(g['count']) for g in rest)} errors (see errors.csv)"
+        draw.text((6, top + text_h / 2), _fit_text(draw, more, width - 12), fill=(255,) * 3, font=_font(), anchor="lm")
+    return _atomic_write(path, out.save)
+
+
+def _eval_percent(values: list[float], name: str) -> np.ndarray:
+    x = np.asarray(values, dtype=float)
+    if x.size == 0 or not np.isfinite(x).all():
+        raise ValueError(f"{name} must be non-empty finite accuracies")
+    if (x < 0).any() or (x > 1.0 + 1e-9).any():
+        raise ValueError(f"{name} must be fractions in [0, 1]; if they are percentages, divide by 100")
+    return 100 * x
+
+
+ROBUSTNESS_REFERENCES = ("clean", "augmented")  # drawn apart from the corruptions and left out of their mean
+
+
+def save_robustness(results: dict[str, float], path: Path, title: str | None = None) -> Path:
+    """Horizontal bars of accuracy per test set ({name: accuracy in [0, 1]}), best on top, each value in its
+    label. "clean" and "augmented" get their own colours; the dashed line is the mean over the other entries
+    (the corruptions), or over all entries when there are no others.
+    """
+    if not results:
+        raise ValueError("save_robustness got no results; expected {test set name: accuracy}")
+    names = sorted(results, key=lambda k: (-float(results[k]), k))
+    acc = _eval_percent([results[k] for k in names], "robustness accuracies")
+    others = [a for k, a in zip(names, acc, strict=True) if k not in ROBUSTNESS_REFERENCES]
+    pool = others or list(acc)
+    mean = float(np.mean(pool))
+    colours = {"clean": "C0", "augmented": "C2"}
+
+    fig = Figure(figsize=(7.5, 1.4 + 0.34 * len(names)), layout="constrained")
+    ax = fig.subplots()
+    y = np.arange(len(names))[::-1]  # barh counts from the bottom; the best goes on top
+    ax.barh(y, acc, color=[colours.get(k, "C1") for k in names], height=0.7)
+    ax.set_yticks(y)
+    ax.set_yticklabels([f"{k}  {a:.2f}%" for k, a in zip(names, acc, strict=True)], fontsize=8)
+    what = f"mean of {len(others)} corruptions" if others else "mean"
+    ax.axvline(mean, color="0.2", linestyle="--", linewidth=1.2, label=f"{what}: {mean:.2f}%")
+    low = float(acc.min())
+    left = 0.0 if low < 50 else 10 * math.floor((low - 5) / 10)  # zoom in; the labels carry the exact values
+    ax.set_xlim(left, 100)
+    ax.set_xlabel("accuracy (%)" + (f", axis from {left:g}%" if left > 0 else ""))
+    ax.grid(alpha=0.3, axis="x")
+    ax.legend(fontsize=8, loc="lower right")  # sorted best on top: the bottom right is where bars are shortest
+    head = f"accuracy per test set (worst: {names[-1]} {acc[-1]:.2f}%)"
+    fig.suptitle(f"{title}\n{head}" if title else head)
+    return _save_figure(fig, path)
+
+
+def save_attack_curves(curves: dict[str, list[tuple[float, float]]], path: Path, title: str | None = None) -> Path:
+    """Accuracy against the attack budget epsilon (L-infinity, pixel units in [0, 1]), one line per attack or
+    attack + defence ({"FGSM": [(0.0, 0.99), (0.1, 0.71), ...], "PGD": ..., "FGSM + noise defence": ...}).
+    """
+    if not curves:
+        raise ValueError("save_attack_curves got no curves; expected {name: [(epsilon, accuracy), ...]}")
+    fig = Figure(figsize=(6.5, 4.4), layout="constrained")
+    ax = fig.subplots()
+    markers = "osD^vP*X"
+    for i, (name, points) in enumerate(curves.items()):
+        pts = np.asarray(points, dtype=float)
+        if pts.ndim != 2 or pts.shape[0] == 0 or pts.shape[1] != 2:
+            raise ValueError(f"curve {name!r} must be a non-empty list of (epsilon, accuracy) pairs")
+        eps = pts[:, 0]
+        if not np.isfinite(eps).all() or (eps < 0).any():
+            raise ValueError(f"curve {name!r}: epsilons must be finite and >= 0")
+        order = np.argsort(eps, kind="stable")
+        acc = _eval_percent(pts[order, 1].tolist(), f"curve {name!r}'s accuracies")
+        ax.plot(eps[order], acc, marker=markers[i % len(markers)], color=f"C{i % 10}", markersize=5,
+                label=f"{name} ({acc[-1]:.1f}% at {eps[order][-1]:g})")  # fmt: skip
+    ax.set(xlabel="epsilon (L-infinity, pixel scale [0, 1])", ylabel="accuracy (%)", ylim=(0, 101))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    head = "accuracy under attack"
+    fig.suptitle(f"{title}\n{head}" if title else head)
+    return _save_figure(fig, path)
+
+
 # ----------------------------------------------------------------------------------------- explanation figures
 # (input, attribution map, overlay)
 
@@ -528,7 +717,7 @@ def save_comparison(
     params: list[int | None] | None = None,
     title: str | None = None,
 ) -> Path:
-    """Test accuracy per entry: each seed a dot, the mean as a bar with +- sample std (ddof=1) error bars.
+    """Test accuracy per entry: each seed a dot, the mean a wide tick with +- sample std (ddof=1) error bars.
 
     ``accuracies[i]``: entry i's per-seed accuracies as fractions in [0, 1] (one seed: the mean alone, no error
     bar). ``params[i]``, when given, is written under the entry's name.
