@@ -437,6 +437,28 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--json", action="store_true")
     cmp.set_defaults(func=cmd_compare)
 
+    pr = sub.add_parser("predict", help="classify image files (photos, scans, canvases) or folders of them",
+                        epilog="example: digitkit predict --model runs/latest photo.jpg scans/ --json")
+    pr.add_argument("--model", required=True, help="run folder or checkpoint file")
+    pr.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
+    pr.add_argument("--json", action="store_true", help="one JSON object per line")
+    pr.add_argument("--top-k", type=_positive, default=3, help="most likely digits to list (default 3)")
+    pr.add_argument("--show-preprocessed", metavar="DIR", help="write the 28x28 images the model saw")
+    pr.add_argument("--reject-below", type=float, help="override inference.reject_below_confidence")
+    pr.add_argument("--noise-defence", type=float, help="override inference.noise_defence_sigma (0 = off)")
+    pr.add_argument("--record", action="store_true", help="with --json: include what preprocessing did")
+    pr.set_defaults(func=cmd_predict)
+
+    rd = sub.add_parser("read", help="read a row of handwritten digits (an amount, a postcode, a form field)",
+                        epilog="example: digitkit read --model runs/latest postcode.jpg --pattern '[0-9]{5}'")
+    rd.add_argument("--model", required=True, help="run folder or checkpoint file")
+    rd.add_argument("image", metavar="IMAGE")
+    rd.add_argument("--pattern", help="regular expression the whole string must match; exit code 1 if not")
+    rd.add_argument("--top-k", type=_positive, default=3)
+    rd.add_argument("--reject-below", type=float, help="override inference.reject_below_confidence")
+    rd.add_argument("--json", action="store_true")
+    rd.set_defaults(func=cmd_read)
+
     m = sub.add_parser("models", help="registered models with parameters and multiply-adds per image")
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=cmd_models)
@@ -618,6 +640,89 @@ def cmd_compare(args: argparse.Namespace) -> int:
     print(compare.compare_markdown(result))
     print(f"wrote {result['compare_dir']}/compare.json, compare.md, compare.png")
     return 0
+
+
+# ---------------------------------------------------------------------------------- predict, read
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+
+
+def _recognizer(args: argparse.Namespace) -> Any:
+    """The model with its stored preprocessing and inference settings, and the command line's overrides."""
+    import dataclasses
+
+    from digitkit.classify import Recognizer
+
+    rec = Recognizer.open(args.model)
+    changes = {}
+    if getattr(args, "reject_below", None) is not None:
+        changes["reject_below_confidence"] = args.reject_below
+    if getattr(args, "noise_defence", None) is not None:
+        changes["noise_defence_sigma"] = args.noise_defence
+    rec.inference = dataclasses.replace(rec.inference, **changes)  # checked like config values
+    return rec
+
+
+def expand_paths(paths: list[str]) -> list[Path]:
+    """Files as given; folders contribute their image files (recursively, sorted)."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            out.append(p)  # a missing or bad file is reported per file, the rest go on
+    return out
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    rec = _recognizer(args)
+    files = expand_paths(args.paths)
+    if not files:
+        raise ConfigError(f"no image files in {', '.join(args.paths)} (looked for {', '.join(IMAGE_SUFFIXES)})")
+    show = Path(args.show_preprocessed) if args.show_preprocessed else None
+    if show:
+        show.mkdir(parents=True, exist_ok=True)
+    failed = 0
+    for start in range(0, len(files), 256):  # bounded memory for big folders
+        chunk = files[start : start + 256]
+        answers = rec.predict(chunk, top_k=args.top_k)
+        for n, (path, a) in enumerate(zip(chunk, answers, strict=True), start):
+            failed += a.rejected == "unreadable"
+            if show and a.rejected != "unreadable":
+                from digitkit.preprocess import preprocess
+
+                x = preprocess(path, rec.preprocess_cfg).tensor[0].mul(255).round().byte().numpy()
+                Image.fromarray(x, "L").save(show / f"{n:05d}-{path.stem}.png")
+            if args.json:
+                out = a.to_json(path=str(path))
+                if not args.record:
+                    del out["record"]
+                print(json.dumps(out), flush=True)
+            elif a.rejected == "unreadable":
+                print(f"{path}: unreadable: {a.error}")
+            elif a.rejected:
+                guess = f"; best guess {a.predicted} at {a.confidence:.3f}" if a.predicted is not None else ""
+                print(f"{path}: no digit ({a.rejected}{guess})")
+            else:
+                others = ", ".join(f"{d} {p:.3f}" for d, p in a.top_k[1:])
+                print(f"{path}: {a.digit} ({a.confidence:.3f})" + (f"  [{others}]" if others else ""))
+    if show:
+        print(f"wrote the {len(files) - failed} preprocessed 28x28 images to {show}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_read(args: argparse.Namespace) -> int:
+    rec = _recognizer(args)
+    result = rec.read(args.image, pattern=args.pattern, top_k=args.top_k)
+    if args.json:
+        print(json.dumps({"path": args.image, **result}))
+    else:
+        conf = ", ".join(f"{d['digit'] or '?'} {d['confidence']:.2f}" for d in result["digits"])
+        print(f"{args.image}: {result['text'] or '(no digits found)'}" + (f"  [{conf}]" if conf else ""))
+        if "pattern_ok" in result:
+            print(f"  pattern {args.pattern!r}: " + ("matches" if result["pattern_ok"] else "DOES NOT MATCH"))
+    return 1 if result.get("pattern_ok") is False else 0
 
 
 def _positive(text: str) -> int:

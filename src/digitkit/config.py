@@ -18,6 +18,7 @@ import yaml
 from digitkit import augment
 from digitkit.errors import ConfigError
 from digitkit.models import model_options
+from digitkit.preprocess import PreprocessConfig
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("none", "plateau", "onecycle", "cosine")
@@ -141,6 +142,9 @@ class Config:
     """A recipe name plus per-op overrides: {recipe: standard, rotation: {p: 0.5}}; see `digitkit augment list`."""
     train: TrainConfig = field(default_factory=TrainConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    """How real-world images (photos, scans, canvases) become 28x28 digits; stored with the model so the CLI,
+    the server and the web page prepare input exactly alike. With deskew on, training deskews MNIST too."""
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:

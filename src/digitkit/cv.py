@@ -90,7 +90,7 @@ def run_cv(
         raise ConfigError(f"workers = {workers}: expected 1 (folds one after another) or more (in parallel)")
     workers = min(workers, folds)
     # Read and verify the training files once; the folds are index subsets of this one copy.
-    full = data.load_split(cfg.data.dir, "train", verify=cfg.data.verify)
+    full = runs.prepared(data.load_split(cfg.data.dir, "train", verify=cfg.data.verify), cfg)
     splits = make_folds(full.labels, folds, cfg.seed)
     cv_dir = _make_cv_dir(out, root, f"cv{folds}-{cfg.model.name}")
     config.save(cfg, cv_dir / "config.yaml")
@@ -202,7 +202,7 @@ def _fold_worker(cfg_dict: dict[str, Any], label: str, train_idx: np.ndarray, va
     cfg = config.from_dict(cfg_dict)
     if _WORKER.get("data_dir") != cfg.data.dir:
         # Once per process, not per fold; the parent already verified the checksums.
-        _WORKER["full"] = data.load_split(cfg.data.dir, "train", verify=False)
+        _WORKER["full"] = runs.prepared(data.load_split(cfg.data.dir, "train", verify=False), cfg)
         _WORKER["data_dir"] = cfg.data.dir
     events = _WORKER.get("events")
     reporter = _QueueReporter(events, label) if events is not None else None

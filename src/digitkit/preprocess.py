@@ -361,8 +361,10 @@ def _ink(gray: np.ndarray, cfg: PreprocessConfig) -> tuple[np.ndarray, np.ndarra
                                                                                  np.zeros(1, np.int64), [])
     if contrast < cfg.blank_contrast or contrast < _NOISE_RATIO * sigma:
         record["rejected"] = "empty"
-        record["why"] = (f"ink contrast {contrast:.3f} is below blank_contrast {cfg.blank_contrast} or "
-                         f"{_NOISE_RATIO:g}x the noise ({sigma:.3f}): no digit, just paper or noise")
+        record["why"] = (f"the darkest marks differ from the background by {contrast:.3f}, below blank_contrast "
+                         f"{cfg.blank_contrast}: a blank page" if contrast < cfg.blank_contrast else
+                         f"the darkest marks ({contrast:.3f} above the background) are within {_NOISE_RATIO:g}x the "
+                         f"noise level ({sigma:.3f}): noise, not ink")
         return *empty, record
 
     # Hysteresis: faint parts of a stroke (weak) count when they touch a clearly inked pixel (strong).
@@ -516,10 +518,14 @@ def _keep_components(labels: np.ndarray, n: int, strong: np.ndarray, cfg: Prepro
     keep[:] = has_strong
     comps["without_strong_pixels"] = int(n - has_strong[1:].sum())
     if cfg.ignore_border_components:
-        shadows = _border_shadows(labels, n, area, boxes) & keep
-        if shadows.any() and (keep & ~shadows).any():  # never drop everything: a tight crop touches the border
-            keep &= ~shadows
-            comps["border_shadows"] = int(shadows.sum())
+        shadows, crossing = _border_shadows(labels, n, area, boxes)
+        shadows &= keep
+        if shadows.any() and not (keep & ~shadows).any():
+            # Nothing else left: a thick "1" in a tight crop is solid and touches top and bottom, so a lone
+            # component that goes from one side to the opposite one (and touches no other) is the digit.
+            shadows &= ~crossing
+        keep &= ~shadows
+        comps["border_shadows"] = int(shadows.sum())
     if keep.any():
         specks = keep & (area < cfg.min_speck_area_fraction * area[keep].max())
         keep &= ~specks
@@ -528,21 +534,25 @@ def _keep_components(labels: np.ndarray, n: int, strong: np.ndarray, cfg: Prepro
     return keep, area, boxes
 
 
-def _border_shadows(labels: np.ndarray, n: int, area: np.ndarray, boxes: list[Any]) -> np.ndarray:
-    """Components lying along a border: solid (they fill half their box), and touching a side over half their
-    own extent along it and a tenth of the side. Shadows, page edges, the table around the paper. A digit in a
-    tight crop touches the border only where its strokes end, and strokes are not solid."""
+def _border_shadows(labels: np.ndarray, n: int, area: np.ndarray, boxes: list[Any]) -> tuple[np.ndarray, np.ndarray]:
+    """(shadow, crossing) lookups over labels. Shadows lie along a border: they touch 60% of a side, or they are
+    solid (fill half their box) and touch a side over half their own extent along it and a tenth of the side:
+    shadows, page edges, the table around the paper. A digit touches the border only where its strokes end, and
+    strokes are not solid. Crossing: touches exactly two opposite sides (top and bottom, or left and right)."""
     h, w = labels.shape
     contact = [np.bincount(edge, minlength=n + 1) for edge in (labels[0], labels[-1], labels[:, 0], labels[:, -1])]
-    out = np.zeros(n + 1, bool)
+    shadow, crossing = np.zeros(n + 1, bool), np.zeros(n + 1, bool)
     for i, sl in enumerate(boxes, start=1):
         if sl is None:
             continue
         bh, bw = sl[0].stop - sl[0].start, sl[1].stop - sl[1].start
         along = any(c[i] >= 0.5 * extent and c[i] >= 0.1 * side
                     for c, extent, side in zip(contact, (bw, bw, bh, bh), (w, w, h, h), strict=True))
-        out[i] = along and area[i] >= 0.5 * bh * bw
-    return out
+        lines_a_side = any(c[i] >= 0.6 * side for c, side in zip(contact, (w, w, h, h), strict=True))
+        shadow[i] = lines_a_side or (along and area[i] >= 0.5 * bh * bw)
+        touched = tuple(bool(c[i]) for c in contact)
+        crossing[i] = touched in ((True, True, False, False), (False, False, True, True))
+    return shadow, crossing
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -54,10 +54,24 @@ def point_latest(root: Path, run_dir: Path) -> None:
 
 def load_data(cfg: Config) -> tuple[data.Dataset, data.Dataset, data.Dataset]:
     """(train, val, test): a seeded stratified hold-out of the training files, and the sealed test files."""
-    full = data.load_split(cfg.data.dir, "train", verify=cfg.data.verify)
-    test = data.load_split(cfg.data.dir, "test", verify=cfg.data.verify)
+    full = prepared(data.load_split(cfg.data.dir, "train", verify=cfg.data.verify), cfg)
+    test = prepared(data.load_split(cfg.data.dir, "test", verify=cfg.data.verify), cfg)
     train_idx, val_idx = data.stratified_split(full.labels, cfg.data.val_fraction, cfg.seed)
     return full.subset(train_idx), full.subset(val_idx), test
+
+
+def prepared(ds: data.Dataset, cfg: Config) -> data.Dataset:
+    """The data set as the model is trained and measured on: deskewed when `preprocess.deskew` is on, so
+    training, validation, test and real-world input (preprocess) all share the same deskew."""
+    if not cfg.preprocess.deskew:
+        return ds
+    from digitkit.preprocess import deskew_batch
+
+    out = torch.empty_like(ds.images)
+    for start in range(0, len(ds), 4096):
+        x = ds.images[start : start + 4096].float().div(255)
+        out[start : start + 4096] = deskew_batch(x).mul(255).round().clamp(0, 255).to(torch.uint8)
+    return data.Dataset(out, ds.labels, ds.classes, ds.source)
 
 
 def train_run(
@@ -233,13 +247,13 @@ def evaluation_data(cfg: Config, split: str, data_dir: str | Path | None = None)
     """
     folder = Path(data_dir) if data_dir is not None else Path(cfg.data.dir)
     if split == "test":
-        ds = data.load_split(folder, "test", verify=cfg.data.verify)
+        ds = prepared(data.load_split(folder, "test", verify=cfg.data.verify), cfg)
         slices = {}
         if len(ds) == 10_000 and ds.num_classes == 10:
             slices = {k: torch.arange(a, b) for k, (a, b) in MNIST_TEST_SLICES.items()}
         return ds, slices
     if split == "val":
-        full = data.load_split(folder, "train", verify=cfg.data.verify)
+        full = prepared(data.load_split(folder, "train", verify=cfg.data.verify), cfg)
         _, val_idx = data.stratified_split(full.labels, cfg.data.val_fraction, cfg.seed)
         return full.subset(val_idx), {}
     raise ConfigError(f"split {split!r}: expected test or val")

@@ -1,0 +1,187 @@
+"""From images to answers: preprocess, the model, and rejection. The one path that `digitkit predict`, `digitkit
+read`, the server and the web page share, so the same image gets the same answer everywhere.
+
+An answer is a digit with its confidence and all class probabilities, or `digit: None` with the reason:
+  unreadable      the file is not an image we can decode (the message says why)
+  empty           no contrast at all: a blank page or an untouched canvas
+  no-ink          nothing left once specks and border shadows are dropped
+  not-a-digit     the ink does not look like one handwritten digit (a filled blob, a texture, a scribble)
+  low-confidence  the model's top probability is below `inference.reject_below_confidence`
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from digitkit.config import Config, InferenceConfig
+from digitkit.errors import DataError
+from digitkit.preprocess import PreprocessConfig, Preprocessed, preprocess
+
+REASONS = ("unreadable", "empty", "no-ink", "not-a-digit", "low-confidence")
+
+MAX_INK_COVERAGE = 0.45
+"""A 28x28 result with more than this share of its pixels lit (> 0.5) is a blob or a texture, not a digit. MNIST
+digits light at most 40% (the boldest 0s and 8s); a filled square or a photo crop lights most of the box."""
+
+
+@dataclass
+class Answer:
+    digit: str | None
+    confidence: float
+    probabilities: list[float]
+    rejected: str | None = None
+    """None, or one of REASONS."""
+    top_k: list[tuple[str, float]] = field(default_factory=list)
+    predicted: str | None = None
+    """The model's top class even when rejected for low confidence (what it would have said)."""
+    error: str | None = None
+    """For `unreadable`: what was wrong with the input."""
+    record: dict[str, Any] = field(default_factory=dict)
+    """What preprocessing did (see digitkit.preprocess)."""
+
+    def to_json(self, **extra: Any) -> dict[str, Any]:
+        out = {**extra, **asdict(self)}
+        out["top_k"] = [{"digit": d, "probability": p} for d, p in self.top_k]
+        return out
+
+
+class Recognizer:
+    """A trained model plus how it reads images (preprocess config) and answers (inference config)."""
+
+    def __init__(self, model: nn.Module, classes: list[str], inference: InferenceConfig | None = None,
+                 preprocess_cfg: PreprocessConfig | None = None, device: str | torch.device = "cpu",
+                 name: str = "") -> None:  # fmt: skip
+        self.model = model.eval().to(device)
+        self.classes = list(classes)
+        self.inference = inference or InferenceConfig()
+        self.preprocess_cfg = preprocess_cfg or PreprocessConfig()
+        self.device = torch.device(device)
+        self.name = name
+
+    @classmethod
+    def open(cls, path: str | Path, cfg_overrides: Config | None = None) -> Recognizer:
+        """From a run folder or checkpoint file; its stored config says how to preprocess and answer."""
+        from digitkit import runs
+
+        opened = runs.open_model(path)
+        cfg = cfg_overrides or opened.cfg
+        return cls(opened.model, opened.ckpt["classes"], cfg.inference, cfg.preprocess,
+                   name=str(opened.checkpoint_path))  # fmt: skip
+
+    # ------------------------------------------------------------------------------------------ core
+    @torch.no_grad()
+    def probs(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, 1, 28, 28) float in [0, 1] -> probabilities (B, K).
+
+        With the noise defence on, each image is averaged over its own seeded noise draws, so an image's answer
+        never depends on what else is in the batch (or on a cache).
+        """
+        x = x.to(self.device, torch.float32)
+        sigma = self.inference.noise_defence_sigma
+        if sigma <= 0 or len(x) == 0:
+            return self.model(x).float().softmax(1).cpu() if len(x) else torch.zeros(0, len(self.classes))
+        from digitkit.adversarial import noisy_probs
+
+        out = [noisy_probs(self.model, xi[None], sigma, self.inference.noise_defence_samples,
+                           torch.Generator(device="cpu").manual_seed(0)) for xi in x]  # fmt: skip
+        return torch.cat(out).cpu()
+
+    def answers(self, pres: list[Preprocessed], top_k: int = 3) -> list[Answer]:
+        """One Answer per preprocessed image, rejections included."""
+        keep = [i for i, p in enumerate(pres) if not p.rejected]
+        probs = self.probs(torch.stack([pres[i].tensor for i in keep])) if keep else None
+        out: list[Answer] = []
+        row = {i: j for j, i in enumerate(keep)}
+        for i, pre in enumerate(pres):
+            if pre.rejected:
+                out.append(Answer(None, 0.0, [], pre.rejected, record=pre.record))
+                continue
+            p = probs[row[i]]
+            out.append(self._decide(p, pre.tensor, pre.record, top_k))
+        return out
+
+    def _decide(self, p: torch.Tensor, x: torch.Tensor, record: dict[str, Any], top_k: int) -> Answer:
+        conf, idx = p.max(0)
+        k = min(max(top_k, 1), len(self.classes))
+        top = torch.topk(p, k)
+        answer = Answer(
+            digit=self.classes[int(idx)], confidence=round(float(conf), 6),
+            probabilities=[round(float(v), 6) for v in p], predicted=self.classes[int(idx)],
+            top_k=[(self.classes[int(j)], round(float(v), 6)) for v, j in zip(top.values, top.indices, strict=True)],
+            record=record,
+        )  # fmt: skip
+        coverage = float((x > 0.5).float().mean())
+        if coverage > MAX_INK_COVERAGE:
+            answer.digit, answer.rejected = None, "not-a-digit"
+            answer.record = {**record, "ink_coverage": round(coverage, 4)}
+        elif float(conf) < self.inference.reject_below_confidence:
+            answer.digit, answer.rejected = None, "low-confidence"
+        return answer
+
+    # ---------------------------------------------------------------------------------------- inputs
+    def predict(self, sources: list[Any], top_k: int = 3) -> list[Answer]:
+        """Any image sources (paths, bytes, arrays, PIL images); an unreadable one becomes an `unreadable` answer
+        and the others go on."""
+        pres: list[Preprocessed | None] = []
+        errors: dict[int, str] = {}
+        for i, src in enumerate(sources):
+            try:
+                pres.append(preprocess(src, self.preprocess_cfg))
+            except DataError as e:
+                pres.append(None)
+                errors[i] = str(e)
+        good = [p for p in pres if p is not None]
+        answers = iter(self.answers(good, top_k))
+        return [next(answers) if p is not None else Answer(None, 0.0, [], "unreadable", error=errors[i])
+                for i, p in enumerate(pres)]  # fmt: skip
+
+    def read(self, source: Any, pattern: str | None = None, top_k: int = 3) -> dict[str, Any]:
+        """A row of handwritten digits -> the string, one answer and box per digit, and the pattern check.
+
+        Unread positions (rejected digits) show as '?' in `text`. Raises DataError for an unreadable image.
+        """
+        from digitkit.preprocess import _load, ink_image, normalize_digit
+        from digitkit.segment import SegmentConfig, segment
+
+        cfg = self.preprocess_cfg
+        gray, info = _load(source, cfg.max_side)
+        scale = info["width"] / gray.shape[1] if "width" in info else 1.0
+        ink, mask, record = ink_image(gray, cfg)
+        boxes = segment(ink, mask, SegmentConfig()) if mask.any() else []
+        pres = []
+        for b in boxes:
+            x0, y0, x1, y1 = _box(b)
+            crop = ink[y0:y1, x0:x1] * mask[y0:y1, x0:x1]
+            digit = torch.from_numpy(normalize_digit(crop, cfg)).float()[None]
+            pres.append(Preprocessed(digit, None, {"box": [round(v * scale) for v in (x0, y0, x1, y1)]}))
+        answers = self.answers(pres, top_k)
+        text = "".join(a.digit if a.digit is not None else "?" for a in answers)
+        result: dict[str, Any] = {
+            "text": text,
+            "digits": [{"box": p.record["box"], **a.to_json()} for p, a in zip(pres, answers, strict=True)],
+            "complete": all(a.digit is not None for a in answers) and bool(answers),
+            "mean_confidence": round(sum(a.confidence for a in answers) / len(answers), 6) if answers else 0.0,
+            "record": record,
+        }
+        for d in result["digits"]:
+            d.pop("record", None)
+        if pattern is not None:
+            try:
+                ok = re.fullmatch(pattern, text) is not None
+            except re.error as e:
+                raise DataError(f"--pattern {pattern!r} is not a valid regular expression ({e})") from None
+            result.update(pattern=pattern, pattern_ok=ok)
+        return result
+
+
+def _box(b: Any) -> tuple[int, int, int, int]:
+    if hasattr(b, "x0"):
+        return int(b.x0), int(b.y0), int(b.x1), int(b.y1)
+    x0, y0, x1, y1 = b
+    return int(x0), int(y0), int(x1), int(y1)
