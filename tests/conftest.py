@@ -57,3 +57,19 @@ def tiny_dir(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def mnist_train() -> Dataset:
     return data.load_split(MNIST_DIR, "train")
+
+
+@pytest.fixture(scope="session")
+def mnist_small_run(tmp_path_factory, mnist_train) -> Path:
+    """A small real MNIST model (cnn3_slim, 2 epochs on 12,000 training images, about 98%) for tests that need
+    a model that reads real digits; trained once per session in about 15 s."""
+    from digitkit import config, runs
+
+    out = tmp_path_factory.mktemp("mnist-run") / "run"
+    cfg = config.load(None, [f"data.dir={MNIST_DIR}", "model.name=cnn3_slim", "train.epochs=2", "train.batch_size=128",
+                             "train.lr=4e-3", "augment.recipe=none", "train.label_smoothing=0.1"])  # fmt: skip
+    sub = data.stratified_split(mnist_train.labels, 0.2, seed=0)[1]
+    train_idx, val_idx = data.stratified_split(mnist_train.labels[sub], 1 / 6, seed=0)
+    small = mnist_train.subset(sub)
+    runs.train_run(cfg, out=out, datasets=(small.subset(train_idx), small.subset(val_idx), None))
+    return out

@@ -223,7 +223,8 @@ def _pil_channels(img: Image.Image, max_side: int | None) -> tuple[np.ndarray, n
         img = img.convert("RGBA" if "transparency" in img.info else "L")
         mode = img.mode
     if mode.startswith("I;16") or mode in ("I", "F"):
-        return _scale_numbers(np.asarray(img).astype(np.float32), np.dtype(np.uint16)), None
+        kind = np.dtype(np.float32) if mode == "F" else np.dtype(np.int32)  # F: floats in [0, 1] (or 0-255)
+        return _scale_numbers(np.asarray(img).astype(np.float32), kind), None
     img = img.convert("LA" if mode in ("RGBA", "RGBa", "LA", "La", "PA") else "L")
     if max_side and max(img.size) > max_side:
         s = max_side / max(img.size)
@@ -483,6 +484,11 @@ def _thresholds(f: np.ndarray, med: float, sigma: float, cfg: PreprocessConfig) 
         t = max(noise_floor, med + 0.02)
         return t, t
     t_otsu = max(_otsu(f), noise_floor, med + 0.02)
+    # Otsu drifts low when the ink is a few percent of the image and the background has a tail (residual
+    # lighting, texture): never below a third of the ink's level, the way a half-maximum cut would do.
+    above = f[f > t_otsu]
+    if above.size:
+        t_otsu = max(t_otsu, med + (float(np.percentile(above, 90)) - med) / 3)
     t_low = max(med + 2.0 * sigma, 0.5 * t_otsu)
     if cfg.threshold == "otsu":
         return t_otsu, t_low
@@ -518,12 +524,13 @@ def _keep_components(labels: np.ndarray, n: int, strong: np.ndarray, cfg: Prepro
     keep[:] = has_strong
     comps["without_strong_pixels"] = int(n - has_strong[1:].sum())
     if cfg.ignore_border_components:
-        shadows, crossing = _border_shadows(labels, n, area, boxes)
+        shadows, spanning = _border_shadows(labels, n, area, boxes)
         shadows &= keep
         if shadows.any() and not (keep & ~shadows).any():
-            # Nothing else left: a thick "1" in a tight crop is solid and touches top and bottom, so a lone
-            # component that goes from one side to the opposite one (and touches no other) is the digit.
-            shadows &= ~crossing
+            # Nothing else left. A digit in a tight crop can look like a shadow (a thick "1" is solid, a "7"'s
+            # bar runs along the top), but a shadow band runs from corner to corner, touching both neighbouring
+            # sides; a lone component that does not is the digit.
+            shadows &= spanning
         keep &= ~shadows
         comps["border_shadows"] = int(shadows.sum())
     if keep.any():
@@ -538,10 +545,10 @@ def _border_shadows(labels: np.ndarray, n: int, area: np.ndarray, boxes: list[An
     """(shadow, crossing) lookups over labels. Shadows lie along a border: they touch 60% of a side, or they are
     solid (fill half their box) and touch a side over half their own extent along it and a tenth of the side:
     shadows, page edges, the table around the paper. A digit touches the border only where its strokes end, and
-    strokes are not solid. Crossing: touches exactly two opposite sides (top and bottom, or left and right)."""
+    strokes are not solid. Spanning: touches a side and both sides next to it (e.g. bottom, left and right)."""
     h, w = labels.shape
     contact = [np.bincount(edge, minlength=n + 1) for edge in (labels[0], labels[-1], labels[:, 0], labels[:, -1])]
-    shadow, crossing = np.zeros(n + 1, bool), np.zeros(n + 1, bool)
+    shadow, spanning = np.zeros(n + 1, bool), np.zeros(n + 1, bool)
     for i, sl in enumerate(boxes, start=1):
         if sl is None:
             continue
@@ -550,9 +557,9 @@ def _border_shadows(labels: np.ndarray, n: int, area: np.ndarray, boxes: list[An
                     for c, extent, side in zip(contact, (bw, bw, bh, bh), (w, w, h, h), strict=True))
         lines_a_side = any(c[i] >= 0.6 * side for c, side in zip(contact, (w, w, h, h), strict=True))
         shadow[i] = lines_a_side or (along and area[i] >= 0.5 * bh * bw)
-        touched = tuple(bool(c[i]) for c in contact)
-        crossing[i] = touched in ((True, True, False, False), (False, False, True, True))
-    return shadow, crossing
+        top, bottom, left, right = (bool(c[i]) for c in contact)
+        spanning[i] = ((top or bottom) and left and right) or ((left or right) and top and bottom)
+    return shadow, spanning
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -661,7 +668,7 @@ def deskew(image: np.ndarray, max_shear: float = 1.0) -> tuple[np.ndarray, float
     # Output (r, c) samples the input at (r - h/2 + cy, c - w/2 + cx + alpha (r - h/2)).
     matrix = np.array([[1.0, 0.0], [alpha, 1.0]])
     offset = np.array([cy, cx]) - matrix @ np.array([h / 2, w / 2])
-    out = ndimage.affine_transform(a, matrix, offset=offset, order=1, mode="constant", cval=0.0)
+    out = ndimage.affine_transform(a, matrix, offset=offset, order=1, mode="grid-constant", cval=0.0)
     return out.astype(np.float32), alpha
 
 
