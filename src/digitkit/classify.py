@@ -150,19 +150,16 @@ class Recognizer:
         Unread positions (rejected digits) show as '?' in `text`. Raises DataError for an unreadable image.
         """
         from digitkit.preprocess import _load, ink_image, normalize_digit
-        from digitkit.segment import SegmentConfig, segment
+        from digitkit.segment import segment_digits
 
         cfg = self.preprocess_cfg
         gray, info = _load(source, cfg.max_side)
         scale = info["width"] / gray.shape[1] if "width" in info else 1.0
         ink, mask, record = ink_image(gray, cfg)
-        boxes = segment(ink, mask, SegmentConfig()) if mask.any() else []
         pres = []
-        for b in boxes:
-            x0, y0, x1, y1 = _box(b)
-            crop = ink[y0:y1, x0:x1] * mask[y0:y1, x0:x1]
+        for box, crop in segment_digits(ink, mask) if mask.any() else []:
             digit = torch.from_numpy(normalize_digit(crop, cfg)).float()[None]
-            pres.append(Preprocessed(digit, None, {"box": [round(v * scale) for v in (x0, y0, x1, y1)]}))
+            pres.append(Preprocessed(digit, None, {"box": [round(v * scale) for v in box]}))
         answers = self.answers(pres, top_k)
         text = "".join(a.digit if a.digit is not None else "?" for a in answers)
         result: dict[str, Any] = {
@@ -192,9 +189,3 @@ def ink_shape(x: torch.Tensor) -> dict[str, float]:
     h, w = int(m.any(1).sum()), int(m.any(0).sum())
     return {"coverage": round(coverage, 4), "box_fill": round(float(m.sum()) / (h * w), 4), "box_min_side": min(h, w)}
 
-
-def _box(b: Any) -> tuple[int, int, int, int]:
-    if hasattr(b, "x0"):
-        return int(b.x0), int(b.y0), int(b.x1), int(b.y1)
-    x0, y0, x1, y1 = b
-    return int(x0), int(y0), int(x1), int(y1)

@@ -436,6 +436,7 @@ def strip(
     height: int = 64,
     gap: tuple[float, float] = (0.15, 0.5),
     touch: float = 0.0,
+    max_overlap: float = 0.2,
     broken: float = 0.0,
     pen: str | None = "natural",
 ) -> tuple[np.ndarray, list[int], list[tuple[int, int, int, int]]]:
@@ -444,7 +445,9 @@ def strip(
 
     `digits` holds 28x28 arrays or ints (printed with a random font). Each digit is `height` px tall +-10% with
     its baseline jittered; gaps between neighbours are uniform in `gap` x height. With probability `touch` a pair
-    is pushed together until the inks overlap by 1-3 px (touching digits); with probability `broken` a digit
+    is pushed together until the inks overlap by 1-3 px (touching digits), unless that would push their boxes
+    more than `max_overlap` x height into each other (interlocking shapes such as a slanted 1 under a 7's bar):
+    then the boxes overlap by that much and the inks may not meet. With probability `broken` a digit
     loses a horizontal band across its strokes (a pen that skipped: its parts stack vertically).
     """
     rng = _rng(seed)
@@ -471,6 +474,7 @@ def strip(
         if i > 0:
             if rng.random() < touch:
                 x = _touching_left(inks[i - 1], tops[-1], lefts[-1], ink, top) - int(rng.integers(1, 4))
+                x = max(x, _ink_right(inks[i - 1], lefts[-1]) - _ink_left(ink) - int(max_overlap * height))
             else:
                 x = lefts[-1] + inks[i - 1].shape[1] + int(rng.uniform(*gap) * height)
         lefts.append(x)
@@ -484,6 +488,14 @@ def strip(
         boxes.append((int(left + xs.min()), int(top + ys.min()), int(left + xs.max() + 1), int(top + ys.max() + 1)))
     img = 0.96 * (1 - 0.9 * canvas) + rng.normal(0, 0.01, canvas.shape)
     return _to_uint8(img), list(labels), boxes
+
+
+def _ink_right(ink: np.ndarray, left: int) -> int:
+    return left + int(np.flatnonzero((ink > 0.5).any(0))[-1]) + 1
+
+
+def _ink_left(ink: np.ndarray) -> int:
+    return int(np.flatnonzero((ink > 0.5).any(0))[0])
 
 
 def _touching_left(prev: np.ndarray, prev_top: int, prev_left: int, ink: np.ndarray, top: int) -> int:
