@@ -149,6 +149,10 @@ def test_scaled_op_scales_distance_from_identity():
     sc = legibility.scaled_op(augment.Scale(p=0.5, min=0.9, max=1.2), 0.5)
     assert sc.min == pytest.approx(0.95) and sc.max == pytest.approx(1.1)
     assert legibility.scaled_op(augment.Stroke(p=0.5, max_radius=1), 2.0).max_radius == 2
+    blur = legibility.scaled_op(augment.Blur(p=0.2, sigma_min=0.4, sigma_max=1.0), 2.0)
+    assert (blur.sigma_min, blur.sigma_max) == pytest.approx((0.8, 2.0))
+    low = legibility.scaled_op(augment.LowRes(p=0.2, min_size=12, max_size=20), 2.0)
+    assert (low.min_size, low.max_size) == (2, 12)  # 28 - 2 * (28 - 20) = 12; 28 - 2 * 16 clamps at 2
     contrast = legibility.scaled_op(augment.Contrast(p=1, gamma_min=0.5, gamma_max=2.0), 2.0)
     assert contrast.gamma_min == pytest.approx(0.25) and contrast.gamma_max == pytest.approx(4.0)
 
@@ -158,14 +162,16 @@ def test_augment_check_warns_where_legibility_collapses(tiny_run, capsys):
     # into another, while a 1-pixel shift keeps them legible.
     recipe = Path(tiny_run).parent / "rot.yaml"
     recipe.write_text("rotation: {p: 0.5, degrees: 50}\ntranslate: {p: 0.5, pixels: 1}\n")
-    code, out, err = run_cli(capsys, "augment", "check", "--recipe", recipe, "--model", tiny_run, "--json")
+    # 32 validation images: one image is 3 points, so warn only beyond 10 points.
+    code, out, err = run_cli(capsys, "augment", "check", "--recipe", recipe, "--model", tiny_run, "--json",
+                             "--warn-drop", "10")  # fmt: skip
     assert code == 0, err
     r = json.loads(out)
     warned = {w.split(" ")[0] for w in r["warnings"]}
     assert "rotation" in warned and "translate" not in warned
     rot = [x["accuracy"] for x in r["rows"] if x["op"] == "rotation"]
     assert rot[-1] < rot[0]  # stronger rotation, fewer digits still legible
-    code, out, _ = run_cli(capsys, "augment", "check", "--recipe", recipe, "--model", tiny_run)
+    code, out, _ = run_cli(capsys, "augment", "check", "--recipe", recipe, "--model", tiny_run, "--warn-drop", "10")
     assert code == 0 and "warning: rotation" in out
 
 

@@ -36,6 +36,10 @@ _MAGNITUDES: dict[tuple[str, str], float] = {
     ("pixels", "drop"): 0.0,
     ("pixels", "add"): 0.0,
     ("stroke", "max_radius"): 0.0,
+    ("blur", "sigma_min"): 0.0,
+    ("blur", "sigma_max"): 0.0,
+    ("lowres", "min_size"): 28.0,  # full resolution (MNIST's 28 px) is the identity; smaller is stronger
+    ("lowres", "max_size"): 28.0,
     ("contrast", "min"): 1.0,
     ("contrast", "max"): 1.0,
 }
@@ -53,7 +57,7 @@ def scaled_op(op: Any, strength: float) -> Any:
         if key in _MAGNITUDES:
             ident = _MAGNITUDES[key]
             new = ident + strength * (v - ident)
-            new = max(new, 0.0 if op.key != "scale" else 0.05)
+            new = max(new, {"scale": 0.05, "blur": 0.05, "lowres": 2.0}.get(op.key, 0.0))
             new = min(new, _UPPER.get(key, math.inf))
             changes[f.name] = max(1, round(new)) if isinstance(v, int) else new
         elif key in _LOG_MAGNITUDES:

@@ -323,7 +323,8 @@ def ink_image(gray: np.ndarray, cfg: PreprocessConfig | None = None) -> tuple[np
     `ink` is exactly 0 off the ink (background, specks and border shadows removed) and keeps anti-aliased grey
     levels on it, stretched so the strokes reach ~1. `mask` is the thresholded ink that was kept (components
     of the Otsu/adaptive mask), which segmentation works on; `ink > 0` is slightly wider (the soft stroke edges).
-    The record has "rejected" set to "empty" when there is no real contrast.
+    The record says what was done (polarity, lighting, threshold, components dropped); its "rejected" is "empty"
+    (no real contrast) or "no-ink" (only specks and shadows) with ink and mask all zero, else None.
     """
     ink, mask, _, record = _ink(np.asarray(gray, dtype=np.float32), cfg or PreprocessConfig())
     return ink, mask, record
@@ -385,7 +386,7 @@ def _ink(gray: np.ndarray, cfg: PreprocessConfig) -> tuple[np.ndarray, np.ndarra
     floor = max(med + 2.0 * sigma, 0.0)
     # The soft edge of the strokes: pixels next to the kept ink that rise above the noise but are in no
     # component, so anti-aliasing survives (on MNIST this keeps the faintest grey pixels and the 20 px box).
-    edge = ndimage.binary_dilation(m, structure=np.ones((3, 3), bool)) & (fr > floor) & (fr <= t_low)
+    edge = grow(m) & (fr > floor) & (fr <= t_low)
     ink = np.zeros((h, w), np.float32)
     ink[r] = np.where(m | edge, np.clip((fr - floor) / max(peak - floor, 1e-3), 0.0, 1.0), 0.0)
     mask = np.zeros((h, w), bool)
@@ -394,6 +395,17 @@ def _ink(gray: np.ndarray, cfg: PreprocessConfig) -> tuple[np.ndarray, np.ndarra
     labels[r] = lab
     record["ink"] = {"floor": round(floor, 4), "peak": round(peak, 4)}
     return ink, mask, _Components(labels, np.where(keep, area, 0), boxes), record
+
+
+def grow(mask: np.ndarray) -> np.ndarray:
+    """3x3 binary dilation by shifted ORs (several times faster than ndimage.binary_dilation for this case)."""
+    out = mask.copy()
+    for a, b in ((out[1:], mask[:-1]), (out[:-1], mask[1:])):
+        a |= b
+    rows = out.copy()
+    for a, b in ((out[:, 1:], rows[:, :-1]), (out[:, :-1], rows[:, 1:])):
+        a |= b
+    return out
 
 
 def _union(boxes: list[Any], margin: int, shape: tuple[int, int]) -> tuple[slice, slice]:
@@ -427,7 +439,8 @@ def _block_mean(a: np.ndarray, side: int) -> np.ndarray:
     hh, ww = h // k * k, w // k * k
     if hh == 0 or ww == 0:
         return a
-    return a[:hh, :ww].reshape(hh // k, k, ww // k, k).mean((1, 3))
+    # Two single-axis sums: several times faster than .mean((1, 3)) over the strided 4-d view.
+    return a[:hh, :ww].reshape(hh // k, k, ww // k, k).sum(3).sum(1) / (k * k)
 
 
 def _background(z: np.ndarray, shape: tuple[int, int], remove_lighting: bool) -> tuple[Any, dict[str, Any]]:
@@ -458,7 +471,7 @@ def _background(z: np.ndarray, shape: tuple[int, int], remove_lighting: bool) ->
         low = resid[resid <= np.median(resid)]
         sigma = max(1.4826 * float(np.median(np.abs(low - np.median(low)))), 0.005)
         ink = (resid > np.median(resid) + 3 * sigma).reshape(zh, zw)
-        keep = ~ndimage.binary_dilation(ink, structure=np.ones((3, 3), bool)).ravel()
+        keep = ~grow(ink).ravel()
         if keep.sum() < max(len(powers) * 3, 0.2 * target.size):
             keep = ~ink.ravel()  # thick ink in a small image: exclude the ink, not its neighbours too
         if keep.sum() < len(powers) * 3:
@@ -503,7 +516,10 @@ def _thresholds(f: np.ndarray, med: float, sigma: float, cfg: PreprocessConfig) 
 
 def _otsu(f: np.ndarray) -> float:
     """Otsu's threshold of values in [0, 1] (256 bins): the split that maximizes between-class variance."""
-    counts = np.bincount(np.clip(f * 255, 0, 255).astype(np.uint8).ravel(), minlength=256).astype(np.float64)
+    if f.size > 500_000:  # a global statistic: every other row and column is plenty, and 4x cheaper
+        f = f[::2, ::2]
+    q = np.multiply(f, 255, dtype=np.float32)
+    counts = np.bincount(np.clip(q, 0, 255, out=q).astype(np.uint8).ravel(), minlength=256).astype(np.float64)
     p = counts / counts.sum()
     omega = np.cumsum(p)
     mu = np.cumsum(p * np.arange(256))
@@ -746,7 +762,7 @@ def preprocess(image: Any, cfg: PreprocessConfig | None = None) -> Preprocessed:
     r = _union([comps.boxes[i] for i in np.flatnonzero(selected[1:])], 1, (h, w))
     sel = selected[comps.labels[r]]
     # The selected components and their soft edges (ink pixels in no component), nothing of the others.
-    digit = np.where(sel | (ndimage.binary_dilation(sel, structure=np.ones((3, 3), bool)) & ~mask[r]), ink[r], 0.0)
+    digit = np.where(sel | (grow(sel) & ~mask[r]), ink[r], 0.0)
     rows, cols = np.flatnonzero(digit.any(1)), np.flatnonzero(digit.any(0))
     y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
     digit = digit[y0:y1, x0:x1].astype(np.float32)
