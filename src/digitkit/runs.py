@@ -212,6 +212,7 @@ def open_model(path: str | Path) -> Opened:
     from digitkit.train import read_metrics
 
     ckpt_path = checkpoint.resolve(path)
+    ckpt_path = ckpt_path.resolve()  # through runs/latest to the real run folder, whose name the reports show
     ckpt = checkpoint.load(ckpt_path)
     model = checkpoint.model_from_checkpoint(ckpt)
     try:
