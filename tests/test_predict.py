@@ -144,3 +144,17 @@ def test_read_a_row_of_digits(mnist_small_run, mnist_test, tmp_path, capsys):
     blank = save(tmp_path / "blank.png", np.full((100, 400), 250, np.uint8))
     code, out, _ = run_cli(capsys, "read", "--model", mnist_small_run, blank, "--json")
     assert code == 0 and json.loads(out)["text"] == "" and json.loads(out)["complete"] is False
+
+
+def test_explain_an_image_file_goes_through_the_same_preprocess(mnist_small_run, mnist_test, tmp_path, capsys):
+    p = save(tmp_path / "two.png", synth.photo(mnist_test.images[1, 0].numpy(), 2))
+    code, out, err = run_cli(capsys, "explain", mnist_small_run, "--image", p, "--method", "gradcam", "--json",
+                             "--out", tmp_path / "x.png")  # fmt: skip
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["predicted"] == "2" and r["methods"] == ["gradcam"] and (tmp_path / "x.png").is_file()
+    answer = Recognizer.open(mnist_small_run).predict([p])[0]
+    assert r["confidence"] == pytest.approx(answer.confidence, abs=1e-5)  # same input, same model, same answer
+    blank = save(tmp_path / "blank.png", np.full((200, 200), 250, np.uint8))
+    code, _, err = run_cli(capsys, "explain", mnist_small_run, "--image", blank)
+    assert code == 2 and "rejected as 'empty'" in err
