@@ -434,3 +434,18 @@ def test_blur_spreads_ink_and_lowres_loses_detail_but_keep_the_digit():
     again = torch.nn.functional.interpolate(torch.nn.functional.interpolate(x, size=(7, 7), mode="area"),
                                             size=(x.shape[2], x.shape[3]), mode="bilinear", align_corners=False)
     assert torch.allclose(low, again.clamp(0, 1), atol=1e-6)
+
+
+@pytest.mark.parametrize("mode, grows", [("dilate", True), ("erode", False)])
+def test_stroke_mode_dilates_or_erodes_every_sample(mode, grows):
+    x = digits(8)
+    y = A.augment_batch(x, only("stroke", p=1.0, max_radius=1, mode=mode), gen())
+    ink_x, ink_y = (x > 0.25).sum((1, 2, 3)), (y > 0.25).sum((1, 2, 3))
+    assert ((ink_y > ink_x) if grows else (ink_y < ink_x)).all()
+
+
+def test_stroke_mode_is_checked():
+    with pytest.raises(ConfigError, match=r"augment\.stroke\.mode = 'thicker': expected both, dilate or erode"):
+        A.config_from_dict({"stroke": {"p": 1.0, "mode": "thicker"}})
+    with pytest.raises(ConfigError, match=r"augment\.stroke\.mode = 3: expected a word"):
+        A.config_from_dict({"stroke": {"p": 1.0, "mode": 3}})

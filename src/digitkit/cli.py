@@ -459,6 +459,17 @@ def build_parser() -> argparse.ArgumentParser:
     rd.add_argument("--json", action="store_true")
     rd.set_defaults(func=cmd_read)
 
+    en = sub.add_parser("ensemble", help="combine runs: mean of their probabilities, measured on the test set",
+                        epilog="example: digitkit ensemble runs/a runs/b runs/c --weights val")
+    en.add_argument("runs", nargs="+", metavar="RUN", help="run folders or checkpoints (at least two)")
+    en.add_argument("--weights", choices=("equal", "val"), default="equal",
+                    help="equal, or proportional to each run's validation accuracy")  # fmt: skip
+    en.add_argument("--data-dir", help="folder with the IDX files (default: the first run's data.dir)")
+    en.add_argument("--out", help="JSON file to write (default: runs/ensemble-<time>.json)")
+    en.add_argument("--runs-root", default="runs", help=argparse.SUPPRESS)
+    en.add_argument("--json", action="store_true")
+    en.set_defaults(func=cmd_ensemble)
+
     m = sub.add_parser("models", help="registered models with parameters and multiply-adds per image")
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=cmd_models)
@@ -723,6 +734,44 @@ def cmd_read(args: argparse.Namespace) -> int:
         if "pattern_ok" in result:
             print(f"  pattern {args.pattern!r}: " + ("matches" if result["pattern_ok"] else "DOES NOT MATCH"))
     return 1 if result.get("pattern_ok") is False else 0
+
+
+# ----------------------------------------------------------------------------------------- ensemble
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    import time
+
+    from digitkit import ensemble, metrics, runs
+    from digitkit.evaluate import predict_probs
+    from digitkit.idx import atomic_write_bytes
+
+    model, members = ensemble.build(args.runs, args.weights)
+    cfg = runs.open_model(args.runs[0]).cfg
+    ds, _ = runs.evaluation_data(cfg, "test", args.data_dir)  # reported once; nothing is chosen on it
+    for m, member in zip(members, model.members, strict=True):
+        m["test_accuracy"] = int((predict_probs(member, ds.images).argmax(1) == ds.labels).sum()) / len(ds)
+    probs = predict_probs(model, ds.images)
+    result = {
+        "members": members,
+        "weights": args.weights,
+        **{k: v for k, v in metrics.classification_metrics(ds.labels, probs, ds.classes).items()
+           if k in ("n", "accuracy", "errors", "log_loss", "macro_f1")},
+        "best_member_test_accuracy": max(m["test_accuracy"] for m in members),
+        "note": "the mean of the members' probabilities; weights come from validation only, and the test set is "
+        "read once to report",
+    }  # fmt: skip
+    out = Path(args.out) if args.out else Path(args.runs_root) / f"ensemble-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out, (json.dumps(result, indent=2) + "\n").encode())
+    if args.json:
+        print(json.dumps({**result, "out": str(out)}))
+        return 0
+    for m in members:
+        print(f"  {m['path']}: test {100 * m['test_accuracy']:.2f}% (val {100 * m['val_accuracy']:.2f}%, "
+              f"weight {m['weight']:.3f})")
+    print(f"ensemble of {len(members)} ({args.weights} weights): test {100 * result['accuracy']:.2f}% "
+          f"({result['errors']} errors), log loss {result['log_loss']:.4f}; best member "
+          f"{100 * result['best_member_test_accuracy']:.2f}%; wrote {out}")
+    return 0
 
 
 def _positive(text: str) -> int:

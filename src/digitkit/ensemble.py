@@ -1,0 +1,65 @@
+"""Several trained runs answering as one: the mean of their probabilities, equal or weighted by each run's own
+validation accuracy (never by anything measured on the test set).
+
+`EnsembleModel` is an nn.Module whose output is the log of the weighted mean probability, so its softmax is
+that mean: it drops into anything that takes a model (evaluate_model, the Recognizer behind predict and read).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from digitkit.errors import ConfigError
+
+WEIGHTINGS = ("equal", "val")
+
+
+class EnsembleModel(nn.Module):
+    """x (B, C, H, W) in [0, 1] -> log of the weighted mean of the members' softmax (B, K)."""
+
+    def __init__(self, members: list[nn.Module], weights: list[float]):
+        super().__init__()
+        if not members or len(members) != len(weights):
+            raise ConfigError("an ensemble needs at least one member and one weight per member")
+        self.members = nn.ModuleList(members)
+        w = torch.tensor(weights, dtype=torch.float32)
+        if (w < 0).any() or float(w.sum()) <= 0:
+            raise ConfigError(f"ensemble weights {weights}: expected non-negative numbers with a positive sum")
+        self.register_buffer("weights", w / w.sum())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = sum(w * m(x).float().softmax(1) for w, m in zip(self.weights, self.members, strict=True))
+        return torch.log(probs.clamp_min(1e-12))
+
+
+def build(paths: list[str | Path], weighting: str = "equal") -> tuple[EnsembleModel, list[dict[str, Any]]]:
+    """Open every run (folder or checkpoint) and combine them; returns the model and one record per member
+    (path, model name, seed, validation accuracy, weight). Members must agree on classes and input shape."""
+    from digitkit import runs
+
+    if weighting not in WEIGHTINGS:
+        raise ConfigError(f"weighting {weighting!r}: expected one of {', '.join(WEIGHTINGS)}")
+    if len(paths) < 2:
+        raise ConfigError("an ensemble needs at least two runs; pass several run folders or checkpoints")
+    opened = [runs.open_model(p) for p in paths]
+    first = opened[0].ckpt
+    for o in opened[1:]:
+        for key in ("classes", "in_chans", "img_size"):
+            if o.ckpt[key] != first[key]:
+                raise ConfigError(f"{o.checkpoint_path}: its {key} {o.ckpt[key]!r} differ from "
+                                  f"{opened[0].checkpoint_path}'s {first[key]!r}; members must read the same data")
+    val = [float(o.ckpt.get("metrics", {}).get("val_acc", float("nan"))) for o in opened]
+    if weighting == "val" and any(v != v for v in val):  # NaN: a checkpoint without validation metrics
+        raise ConfigError("--weights val needs every member's validation accuracy; a checkpoint lacks it")
+    weights = val if weighting == "val" else [1.0] * len(opened)
+    model = EnsembleModel([o.model for o in opened], weights).eval()
+    records = [
+        {"path": str(o.checkpoint_path), "model": o.cfg.model.name, "seed": o.cfg.seed, "val_accuracy": v,
+         "weight": float(w)}
+        for o, v, w in zip(opened, val, model.weights.tolist(), strict=True)
+    ]  # fmt: skip
+    return model, records

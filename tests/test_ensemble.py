@@ -1,0 +1,66 @@
+"""`digitkit ensemble`: the mean of members' probabilities, weights from validation only."""
+
+import json
+
+import pytest
+import torch
+
+from digitkit import config, data, ensemble, runs
+from digitkit.cli import main
+from digitkit.errors import ConfigError
+from digitkit.evaluate import predict_probs
+
+from .conftest import make_idx_dir
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ens")
+    folder = make_idx_dir(root / "tiny", num_classes=4)
+    out = []
+    for seed, model in ((0, "cnn1"), (1, "mlp")):
+        cfg = config.load(None, [f"data.dir={folder}", f"model.name={model}", "train.epochs=2", f"seed={seed}",
+                                 "augment.recipe=none"])  # fmt: skip
+        runs.train_run(cfg, out=root / f"run{seed}")
+        out.append(root / f"run{seed}")
+    return folder, out
+
+
+def test_ensemble_is_the_weighted_mean_of_probabilities(two_runs):
+    folder, paths = two_runs
+    test = data.load_split(folder, "test")
+    for weighting in ("equal", "val"):
+        model, members = ensemble.build(paths, weighting)
+        w = torch.tensor([m["weight"] for m in members])
+        assert w.sum().item() == pytest.approx(1.0)
+        if weighting == "val":
+            val = torch.tensor([m["val_accuracy"] for m in members])
+            assert torch.allclose(w, val / val.sum())
+        each = [predict_probs(runs.open_model(p).model, test.images) for p in paths]
+        expected = sum(wi * probs for wi, probs in zip(w, each, strict=True))
+        assert torch.allclose(predict_probs(model, test.images), expected, atol=1e-5)
+
+
+def test_ensemble_command_reports_members_and_the_ensemble(two_runs, tmp_path, capsys):
+    _, paths = two_runs
+    code = main(["ensemble", *map(str, paths), "--weights", "val", "--json", "--out", str(tmp_path / "e.json")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    r = json.loads(out)
+    assert len(r["members"]) == 2 and r["n"] == 80 and 0.0 <= r["accuracy"] <= 1.0
+    assert json.loads((tmp_path / "e.json").read_text())["accuracy"] == r["accuracy"]
+    summaries = [json.loads((p / "summary.json").read_text()) for p in paths]
+    assert [m["test_accuracy"] for m in r["members"]] == pytest.approx([s["test_accuracy"] for s in summaries])
+
+
+def test_ensemble_refuses_mismatched_or_single_members(two_runs, tmp_path):
+    _, paths = two_runs
+    with pytest.raises(ConfigError, match="at least two runs"):
+        ensemble.build(paths[:1])
+    other = make_idx_dir(tmp_path / "six", num_classes=6)
+    cfg = config.load(None, [f"data.dir={other}", "model.name=mlp", "train.epochs=1", "augment.recipe=none"])
+    runs.train_run(cfg, out=tmp_path / "six-run")
+    with pytest.raises(ConfigError, match="classes"):
+        ensemble.build([paths[0], tmp_path / "six-run"])
+    with pytest.raises(ConfigError, match="weighting 'best'"):
+        ensemble.build(paths, "best")
