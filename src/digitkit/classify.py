@@ -12,7 +12,7 @@ An answer is a digit with its confidence and all class probabilities, or `digit:
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from torch import nn
 
 from digitkit.config import Config, InferenceConfig
 from digitkit.errors import DataError
+from digitkit.evaluate import predict_probs
 from digitkit.preprocess import PreprocessConfig, Preprocessed, preprocess
 
 REASONS = ("unreadable", "empty", "no-ink", "not-a-digit", "low-confidence")
@@ -47,9 +48,11 @@ class Answer:
     """For `unreadable`: what was wrong with the input."""
     record: dict[str, Any] = field(default_factory=dict)
     """What preprocessing did (see digitkit.preprocess)."""
+    x: torch.Tensor | None = field(default=None, repr=False)
+    """The (1, 28, 28) image the model saw (None when unreadable); not part of the JSON."""
 
     def to_json(self, **extra: Any) -> dict[str, Any]:
-        out = {**extra, **asdict(self)}
+        out = {**extra, **{f.name: getattr(self, f.name) for f in fields(self) if f.name != "x"}}
         out["top_k"] = [{"digit": d, "probability": p} for d, p in self.top_k]
         return out
 
@@ -78,22 +81,13 @@ class Recognizer:
                    name=str(opened.checkpoint_path))  # fmt: skip
 
     # ------------------------------------------------------------------------------------------ core
-    @torch.no_grad()
     def probs(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, 1, 28, 28) float in [0, 1] -> probabilities (B, K).
-
-        With the noise defence on, each image is averaged over its own seeded noise draws, so an image's answer
-        never depends on what else is in the batch (or on a cache).
-        """
-        x = x.to(self.device, torch.float32)
-        sigma = self.inference.noise_defence_sigma
-        if sigma <= 0 or len(x) == 0:
-            return self.model(x).float().softmax(1).cpu() if len(x) else torch.zeros(0, len(self.classes))
-        from digitkit.adversarial import noisy_probs
-
-        out = [noisy_probs(self.model, xi[None], sigma, self.inference.noise_defence_samples,
-                           torch.Generator(device="cpu").manual_seed(0)) for xi in x]  # fmt: skip
-        return torch.cat(out).cpu()
+        """x (B, 1, 28, 28) float in [0, 1] -> probabilities (B, K), with the noise defence when it is on (its
+        noise is shared by every image, so an answer never depends on the rest of the batch)."""
+        if len(x) == 0:
+            return torch.zeros(0, len(self.classes))
+        inf = self.inference
+        return predict_probs(self.model, x, inf.noise_defence_sigma, inf.noise_defence_samples, device=self.device)
 
     def answers(self, pres: list[Preprocessed], top_k: int = 3) -> list[Answer]:
         """One Answer per preprocessed image, rejections included."""
@@ -103,10 +97,9 @@ class Recognizer:
         row = {i: j for j, i in enumerate(keep)}
         for i, pre in enumerate(pres):
             if pre.rejected:
-                out.append(Answer(None, 0.0, [], pre.rejected, record=pre.record))
+                out.append(Answer(None, 0.0, [], pre.rejected, record=pre.record, x=pre.tensor))
                 continue
-            p = probs[row[i]]
-            out.append(self._decide(p, pre.tensor, pre.record, top_k))
+            out.append(self._decide(probs[row[i]], pre.tensor, pre.record, top_k))
         return out
 
     def _decide(self, p: torch.Tensor, x: torch.Tensor, record: dict[str, Any], top_k: int) -> Answer:
@@ -117,7 +110,7 @@ class Recognizer:
             digit=self.classes[int(idx)], confidence=round(float(conf), 6),
             probabilities=[round(float(v), 6) for v in p], predicted=self.classes[int(idx)],
             top_k=[(self.classes[int(j)], round(float(v), 6)) for v, j in zip(top.values, top.indices, strict=True)],
-            record=record,
+            record=record, x=x,
         )  # fmt: skip
         shape = ink_shape(x)
         if shape["coverage"] > MAX_INK_COVERAGE or (shape["box_fill"] > MAX_BOX_FILL and shape["box_min_side"] >= 10):

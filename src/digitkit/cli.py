@@ -700,10 +700,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         answers = rec.predict(chunk, top_k=args.top_k)
         for n, (path, a) in enumerate(zip(chunk, answers, strict=True), start):
             failed += a.rejected == "unreadable"
-            if show and a.rejected != "unreadable":
-                from digitkit.preprocess import preprocess
-
-                x = preprocess(path, rec.preprocess_cfg).tensor[0].mul(255).round().byte().numpy()
+            if show and a.x is not None:
+                x = a.x[0].mul(255).round().byte().numpy()
                 Image.fromarray(x, "L").save(show / f"{n:05d}-{path.stem}.png")
             if args.json:
                 out = a.to_json(path=str(path))

@@ -21,13 +21,15 @@ def predict_logits(
     device: torch.device | str = "cpu",
     channels_last: bool = False,
 ) -> torch.Tensor:
-    """images (N, 1, H, W) uint8 -> logits (N, K) float32 on the CPU, in eval mode, batch by batch."""
+    """images (N, 1, H, W), uint8 or float in [0, 1] -> logits (N, K) float32 on the CPU, in eval mode, batch by
+    batch."""
     was_training = model.training
     model.eval()
     out = []
     try:
         for chunk in images.split(batch_size):
-            x = chunk.to(device, non_blocking=True).float().div_(255)
+            x = chunk.to(device, non_blocking=True)
+            x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             out.append(model(x).float().cpu())
@@ -49,6 +51,7 @@ def confusion_matrix(labels: torch.Tensor, preds: torch.Tensor, num_classes: int
     return torch.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
 
 
+@torch.no_grad()
 def predict_probs(
     model: nn.Module,
     images: torch.Tensor,
@@ -61,23 +64,25 @@ def predict_probs(
     """images (N, 1, H, W) uint8 or float in [0, 1] -> probabilities (N, K), as the model answers in use.
 
     With `noise_sigma` > 0 this is the inference-time Gaussian-noise defence: the mean softmax over
-    `noise_samples` noisy copies, seeded, so the same input always gets the same answer.
+    `noise_samples` noisy copies. The noise set is drawn once from `seed` and shared by every image, so an
+    image's answer depends on nothing else in the batch (the CLI, a server's cache and evaluate all agree).
     """
     if noise_sigma <= 0:
-        if images.dtype == torch.uint8:
-            return predict_logits(model, images, batch_size, device).softmax(1)
-        with torch.no_grad():
-            was_training = model.training
-            model.eval()
-            try:
-                return torch.cat([model(c.to(device)).float().cpu() for c in images.split(batch_size)]).softmax(1)
-            finally:
-                model.train(was_training)
-    from digitkit.adversarial import noisy_probs
-
-    x = images.float().div(255) if images.dtype == torch.uint8 else images.float()
+        return predict_logits(model, images, batch_size, device).softmax(1)
     g = torch.Generator().manual_seed(seed)
-    return torch.cat([noisy_probs(model, c, noise_sigma, noise_samples, g) for c in x.split(batch_size)])
+    noise = torch.randn((noise_samples, *images.shape[1:]), generator=g).to(device)
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for chunk in images.split(batch_size):
+            x = chunk.to(device)
+            x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+            probs = sum(model((x + noise_sigma * n).clamp_(0, 1)).float().softmax(1) for n in noise)
+            out.append((probs / noise_samples).cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out) if out else torch.empty(0, 0)
 
 
 def rejection_curve(probs: torch.Tensor, labels: torch.Tensor, thresholds: tuple[float, ...] | None = None) -> list:
