@@ -71,12 +71,12 @@ class Recognizer:
         self.name = name
 
     @classmethod
-    def open(cls, path: str | Path, cfg_overrides: Config | None = None) -> Recognizer:
-        """From a run folder or checkpoint file; its stored config says how to preprocess and answer."""
+    def open(cls, path: str | Path, cfg: Config | None = None) -> Recognizer:
+        """From a run folder or checkpoint file; its stored config (or `cfg`) says how to preprocess and answer."""
         from digitkit import runs
 
         opened = runs.open_model(path)
-        cfg = cfg_overrides or opened.cfg
+        cfg = cfg or opened.cfg
         return cls(opened.model, opened.ckpt["classes"], cfg.inference, cfg.preprocess,
                    name=str(opened.checkpoint_path))  # fmt: skip
 
@@ -142,11 +142,11 @@ class Recognizer:
 
         Unread positions (rejected digits) show as '?' in `text`. Raises DataError for an unreadable image.
         """
-        from digitkit.preprocess import _load, ink_image, normalize_digit
+        from digitkit.preprocess import ink_image, load_image_info, normalize_digit
         from digitkit.segment import segment_digits
 
         cfg = self.preprocess_cfg
-        gray, info = _load(source, cfg.max_side)
+        gray, info = load_image_info(source, cfg.max_side)
         scale = info["width"] / gray.shape[1] if "width" in info else 1.0
         ink, mask, record = ink_image(gray, cfg)
         pres = []

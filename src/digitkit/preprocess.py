@@ -147,6 +147,12 @@ def load_image(source: Any, max_side: int | None = None) -> np.ndarray:
     return _load(source, max_side)[0]
 
 
+def load_image_info(source: Any, max_side: int | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """`load_image` plus what was read (source, format, mode, original width and height, EXIF rotation): the
+    multi-digit reader maps its boxes back to the original pixels with it."""
+    return _load(source, max_side)
+
+
 def _load(source: Any, max_side: int | None) -> tuple[np.ndarray, dict[str, Any]]:
     if isinstance(source, Image.Image):
         return _from_pil(source, max_side, {"source": "PIL image"}, own=False)
