@@ -616,6 +616,13 @@ def augment_batch(
     return out.clamp_(0.0, 1.0)
 
 
+def augmented_copy(images: torch.Tensor, cfg: AugmentConfig, seed: int = 0, batch_size: int = 2000) -> torch.Tensor:
+    """images (N, C, H, W) uint8 -> one augmented float copy in [0, 1], drawn from a generator seeded with `seed`
+    (the same seed and batch_size give the same copy): what evaluation and `augment check` measure on."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.cat([augment_batch(c.float().div(255), cfg, gen) for c in images.split(batch_size)])
+
+
 def expand(images: torch.Tensor, labels: torch.Tensor, cfg: AugmentConfig, factor: int, seed: int = 0,
            batch_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """factor times the data: images (N, 1, H, W) uint8, labels (N,) -> (factor*N, 1, H, W), (factor*N,).

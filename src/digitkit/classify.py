@@ -61,14 +61,12 @@ class Recognizer:
     """A trained model plus how it reads images (preprocess config) and answers (inference config)."""
 
     def __init__(self, model: nn.Module, classes: list[str], inference: InferenceConfig | None = None,
-                 preprocess_cfg: PreprocessConfig | None = None, device: str | torch.device = "cpu",
-                 name: str = "") -> None:  # fmt: skip
+                 preprocess_cfg: PreprocessConfig | None = None, device: str | torch.device = "cpu") -> None:
         self.model = model.eval().to(device)
         self.classes = list(classes)
         self.inference = inference or InferenceConfig()
         self.preprocess_cfg = preprocess_cfg or PreprocessConfig()
         self.device = torch.device(device)
-        self.name = name
 
     @classmethod
     def open(cls, path: str | Path, cfg: Config | None = None) -> Recognizer:
@@ -77,8 +75,7 @@ class Recognizer:
 
         opened = runs.open_model(path)
         cfg = cfg or opened.cfg
-        return cls(opened.model, opened.ckpt["classes"], cfg.inference, cfg.preprocess,
-                   name=str(opened.checkpoint_path))  # fmt: skip
+        return cls(opened.model, opened.ckpt["classes"], cfg.inference, cfg.preprocess)
 
     # ------------------------------------------------------------------------------------------ core
     def probs(self, x: torch.Tensor) -> torch.Tensor:

@@ -739,14 +739,14 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
     import time
 
     from digitkit import ensemble, metrics, runs
-    from digitkit.evaluate import predict_probs
+    from digitkit.evaluate import accuracy, predict_probs
     from digitkit.idx import atomic_write_bytes
 
     model, members = ensemble.build(args.runs, args.weights)
     cfg = runs.open_model(args.runs[0]).cfg
     ds, _ = runs.evaluation_data(cfg, "test", args.data_dir)  # reported once; nothing is chosen on it
     for m, member in zip(members, model.members, strict=True):
-        m["test_accuracy"] = int((predict_probs(member, ds.images).argmax(1) == ds.labels).sum()) / len(ds)
+        m["test_accuracy"] = accuracy(predict_probs(member, ds.images), ds.labels)
     probs = predict_probs(model, ds.images)
     result = {
         "members": members,

@@ -23,6 +23,13 @@ def predict_logits(
 ) -> torch.Tensor:
     """images (N, 1, H, W), uint8 or float in [0, 1] -> logits (N, K) float32 on the CPU, in eval mode, batch by
     batch."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return _in_batches(model, images, batch_size, device, lambda x: model(x.contiguous(memory_format=fmt)))
+
+
+def _in_batches(model: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device | str,
+                forward: Any) -> torch.Tensor:  # fmt: skip
+    """forward(x) over images in batches, x float in [0, 1] on `device`, model in eval mode; results on the CPU."""
     was_training = model.training
     model.eval()
     out = []
@@ -30,9 +37,7 @@ def predict_logits(
         for chunk in images.split(batch_size):
             x = chunk.to(device, non_blocking=True)
             x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            out.append(model(x).float().cpu())
+            out.append(forward(x).float().cpu())
     finally:
         model.train(was_training)
     return torch.cat(out) if out else torch.empty(0, 0)
@@ -71,18 +76,16 @@ def predict_probs(
         return predict_logits(model, images, batch_size, device).softmax(1)
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn((noise_samples, *images.shape[1:]), generator=g).to(device)
-    was_training = model.training
-    model.eval()
-    out = []
-    try:
-        for chunk in images.split(batch_size):
-            x = chunk.to(device)
-            x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
-            probs = sum(model((x + noise_sigma * n).clamp_(0, 1)).float().softmax(1) for n in noise)
-            out.append((probs / noise_samples).cpu())
-    finally:
-        model.train(was_training)
-    return torch.cat(out) if out else torch.empty(0, 0)
+
+    def mean_softmax(x: torch.Tensor) -> torch.Tensor:
+        return sum(model((x + noise_sigma * n).clamp_(0, 1)).float().softmax(1) for n in noise) / noise_samples
+
+    return _in_batches(model, images, batch_size, device, mean_softmax)
+
+
+def accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Exact share of rows whose top class is the label."""
+    return int((probs.argmax(1) == labels).sum()) / max(len(labels), 1)
 
 
 def rejection_curve(probs: torch.Tensor, labels: torch.Tensor, thresholds: tuple[float, ...] | None = None) -> list:
@@ -193,9 +196,8 @@ def evaluate_model(
         from digitkit import augment
 
         cfg = augment_cfg if augment_cfg is not None and augment_cfg.enabled else augment.load_recipe("standard")
-        g = torch.Generator().manual_seed(opts.seed)
-        x_aug = torch.cat([augment.augment_batch(c.float().div(255), cfg, g) for c in images.split(2000)])
-        acc = _accuracy(predict_probs(model, x_aug, sigma, samples, opts.seed, device=device), labels)
+        x_aug = augment.augmented_copy(images, cfg, opts.seed)
+        acc = accuracy(predict_probs(model, x_aug, sigma, samples, opts.seed, device=device), labels)
         robust["augmented"] = acc
         results["augmented_recipe"] = "the run's training recipe" if cfg is augment_cfg else "standard"
     if opts.corruptions:
@@ -203,7 +205,7 @@ def evaluate_model(
 
         for name in CORRUPTIONS:
             x_c = corrupt(images, name, seed=opts.seed)
-            robust[name] = _accuracy(predict_probs(model, x_c, sigma, samples, opts.seed, device=device), labels)
+            robust[name] = accuracy(predict_probs(model, x_c, sigma, samples, opts.seed, device=device), labels)
         results["corruption_summary"] = metrics.summarize_robustness({k: robust[k] for k in CORRUPTIONS})
     results["robustness"] = robust
     if opts.adversarial and opts.adversarial_n > 0:
@@ -223,8 +225,4 @@ def evaluate_model(
         model.to(device)
     results["seconds"] = round(time.perf_counter() - started, 2)
     return Evaluation(results=results, probs=probs, confusion=cm, groups=groups)
-
-
-def _accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:
-    return int((probs.argmax(1) == labels).sum()) / max(len(labels), 1)
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from digitkit import augment
-from digitkit.evaluate import predict_probs
+from digitkit.evaluate import accuracy, predict_probs
 
 STRENGTHS = (0.5, 1.0, 1.5, 2.0)
 
@@ -92,10 +92,10 @@ def check_recipe(
         op = getattr(recipe, name)
         for k in strengths:
             cfg = only(name, scaled_op(op, k))
-            acc = _accuracy(model, _augmented(images, cfg, seed), labels)
+            acc = _accuracy(model, augment.augmented_copy(images, cfg, seed), labels)
             params = {f.name: getattr(getattr(cfg, name), f.name) for f in dataclasses.fields(op) if f.name != "p"}
             rows.append({"op": name, "strength": k, "params": params, "accuracy": acc, "drop_pp": 100 * (clean - acc)})
-    whole = _accuracy(model, _augmented(images, recipe, seed), labels) if recipe.enabled else clean
+    whole = _accuracy(model, augment.augmented_copy(images, recipe, seed), labels) if recipe.enabled else clean
     warnings = [
         f"{r['op']} at {r['strength']:g}x ({_fmt(r['params'])}): accuracy {100 * r['accuracy']:.1f}% vs "
         f"{100 * clean:.1f}% clean (-{r['drop_pp']:.1f} pp): legibility collapses; lower its strength"
@@ -109,13 +109,8 @@ def check_recipe(
             "warn_drop_pp": warn_drop_pp, "warnings": warnings}  # fmt: skip
 
 
-def _augmented(images: torch.Tensor, cfg: augment.AugmentConfig, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.cat([augment.augment_batch(c.float().div(255), cfg, g) for c in images.split(2000)])
-
-
 def _accuracy(model: nn.Module, x: torch.Tensor, labels: torch.Tensor) -> float:
-    return int((predict_probs(model, x).argmax(1) == labels).sum()) / max(len(labels), 1)
+    return accuracy(predict_probs(model, x), labels)
 
 
 def _fmt(params: dict[str, Any]) -> str:
