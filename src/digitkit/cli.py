@@ -473,6 +473,9 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="registered models with parameters and multiply-adds per image")
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=cmd_models)
+
+    # --- serve parser (anchor: owned by the serving work)
+    # --- audit parser (anchor: owned by the audit-log work)
     return p
 
 
@@ -770,6 +773,12 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
           f"({result['errors']} errors), log loss {result['log_loss']:.4f}; best member "
           f"{100 * result['best_member_test_accuracy']:.2f}%; wrote {out}")
     return 0
+
+
+# --- serve commands (anchor: owned by the serving work)
+
+
+# --- audit commands (anchor: owned by the audit-log work)
 
 
 def _positive(text: str) -> int:
