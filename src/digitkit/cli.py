@@ -475,6 +475,24 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_models)
 
     # --- serve parser (anchor: owned by the serving work)
+    sv = sub.add_parser("serve", help="REST API and drawing page for a trained model",
+                        epilog="example: digitkit serve --model runs/latest --port 8000  (then open http://127.0.0.1:8000/)."
+                        " Secrets come from the environment: DIGITKIT_API_KEY (prediction routes), DIGITKIT_ADMIN_TOKEN"
+                        " (admin routes), or the --*-file flags.")  # fmt: skip
+    sv.add_argument("--model", help="run folder or checkpoint file (default runs/latest)")
+    sv.add_argument("--settings", metavar="YAML", help="serving settings file (limits:, drift:, cache_size: ...)")
+    sv.add_argument("--host", help="address to listen on (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, help="port (default 8000)")
+    sv.add_argument("--workers", type=_positive, help="processes (default 1); they share the audit log and /metrics")
+    sv.add_argument("--threads", type=_positive, help="torch threads per worker (default 1)")
+    sv.add_argument("--audit-db", metavar="URL", help="SQLite file or SQLAlchemy URL (sqlite:///..., "
+                    "postgresql://user@host/db); default: serve/audit.db in the run folder")  # fmt: skip
+    sv.add_argument("--cache-size", type=int, help="answers cached by input hash (default 4096, 0 = off)")
+    sv.add_argument("--api-key-file", metavar="FILE", help="file holding the API key for prediction routes")
+    sv.add_argument("--admin-token-file", metavar="FILE", help="file holding the admin token (reload, audit export)")
+    sv.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"))
+    sv.set_defaults(func=cmd_serve)
+
     # --- audit parser (anchor: owned by the audit-log work)
     return p
 
@@ -776,6 +794,41 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
 
 
 # --- serve commands (anchor: owned by the serving work)
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+    import os
+    import tempfile
+
+    import uvicorn
+
+    from digitkit import checkpoint
+    from digitkit.serve import settings as serve_settings
+
+    settings = serve_settings.load(
+        args.settings,
+        {"model": args.model, "host": args.host, "port": args.port, "workers": args.workers, "threads": args.threads,
+         "audit_db": args.audit_db, "cache_size": args.cache_size, "log_level": args.log_level},
+        {"api_key": args.api_key_file, "admin_token": args.admin_token_file},
+    )  # fmt: skip
+    checkpoint.resolve(settings.model)  # a wrong path fails here, in one line, not inside uvicorn's startup
+    logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+    print(f"digitkit: serving {settings.model} at http://{settings.host}:{settings.port}/ "
+          f"(API key {'on' if settings.api_key else 'off'}, admin routes {'on' if settings.admin_token else 'off'})",
+          file=sys.stderr, flush=True)  # fmt: skip
+    common = {"host": settings.host, "port": settings.port, "log_level": settings.log_level,
+              "timeout_graceful_shutdown": 10}  # fmt: skip
+    if settings.workers == 1:
+        from digitkit.serve.app import create_app
+
+        uvicorn.run(create_app(settings), **common)
+        return 0
+    # Several processes: each worker builds its app from these variables (spawned, nothing is inherited).
+    os.environ[serve_settings.SETTINGS_ENV] = settings.to_env()
+    with tempfile.TemporaryDirectory(prefix="digitkit-metrics-") as metrics_dir:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+        uvicorn.run("digitkit.serve.app:app_from_env", factory=True, workers=settings.workers, **common)
+    return 0
+
 
 
 # --- audit commands (anchor: owned by the audit-log work)

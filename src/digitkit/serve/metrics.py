@@ -1,0 +1,95 @@
+"""Prometheus metrics for the server.
+
+One process: a private registry per app (tests run several apps in one process). Several uvicorn workers:
+`digitkit serve --workers N` sets PROMETHEUS_MULTIPROC_DIR before the workers start, every worker writes its
+samples there, and /metrics aggregates all workers whichever one answers the scrape.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+
+
+def multiprocess() -> bool:
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        # In multiprocess mode the samples go to files; registering them here would report this worker only.
+        reg = None if multiprocess() else self.registry
+        self.requests = Counter("digitkit_requests_total", "HTTP requests by route and status code",
+                                ["route", "status"], registry=reg)  # fmt: skip
+        self.latency = Histogram("digitkit_request_latency_seconds", "Time spent answering, by route", ["route"],
+                                 buckets=LATENCY_BUCKETS, registry=reg)  # fmt: skip
+        self.predictions = Counter("digitkit_predictions_total", "Answered images by predicted digit", ["digit"],
+                                   registry=reg)  # fmt: skip
+        self.rejections = Counter("digitkit_rejections_total", "Rejected images by reason", ["reason"], registry=reg)
+        self.confidence_sum = Counter("digitkit_confidence_sum", "Sum of the confidence of answered images",
+                                      registry=reg)  # fmt: skip
+        self.cache_hits = Counter("digitkit_cache_hits_total", "Images answered from the cache", registry=reg)
+        self.cache_misses = Counter("digitkit_cache_misses_total", "Images computed (not in the cache)", registry=reg)
+        self.feedback = Counter("digitkit_feedback_total", "Labels received through /v1/feedback", registry=reg)
+        self._live: dict[str, Any] = {}
+        self.registry.register(_LiveCollector(self._live))
+        if multiprocess():
+            from prometheus_client import multiprocess as mp
+
+            mp.MultiProcessCollector(self.registry)
+
+    def observe_answer(self, digit: str | None, confidence: float, rejected: str | None, cached: bool) -> None:
+        if rejected is None and digit is not None:
+            self.predictions.labels(digit).inc()
+            self.confidence_sum.inc(confidence)
+        else:
+            self.rejections.labels(rejected or "unknown").inc()
+        (self.cache_hits if cached else self.cache_misses).inc()
+
+    def set_live(self, **values: Any) -> None:
+        """Gauges computed at scrape time from shared state (audit DB, drift window): correct across workers."""
+        self._live.update(values)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _LiveCollector:
+    """Gauges read from a dict filled just before each scrape."""
+
+    def __init__(self, live: dict[str, Any]) -> None:
+        self.live = live
+
+    def collect(self) -> Any:
+        live = self.live
+        simple = {
+            "digitkit_live_accuracy": "Accuracy on predictions that received a label through /v1/feedback",
+            "digitkit_labelled_predictions": "Predictions with a label from /v1/feedback",
+            "digitkit_window_mean_confidence": "Mean confidence of answered images in the drift window",
+            "digitkit_window_rejection_rate": "Share of rejected images in the drift window",
+            "digitkit_window_median_latency_ms": "Median latency in the drift window (this worker)",
+            "digitkit_model_loaded": "1 when a model is loaded and serving",
+        }
+        for name, doc in simple.items():
+            if name in live and live[name] is not None:
+                yield GaugeMetricFamily(name, doc, value=float(live[name]))
+        if "drift_alert" in live:
+            alert = GaugeMetricFamily("digitkit_drift_alert", "1 while a drift signal is over its threshold",
+                                      labels=["signal"])  # fmt: skip
+            value = GaugeMetricFamily("digitkit_drift_value", "Current value of each drift signal", labels=["signal"])
+            for signal, on in live["drift_alert"].items():
+                alert.add_metric([signal], 1.0 if on else 0.0)
+                value.add_metric([signal], float(live["drift_value"][signal]))
+            yield alert
+            yield value
+        if "model_version" in live:
+            info = GaugeMetricFamily("digitkit_model_info", "The model being served", labels=["version"])
+            info.add_metric([live["model_version"]], 1.0)
+            yield info

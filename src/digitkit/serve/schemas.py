@@ -1,0 +1,127 @@
+"""Request and response bodies of the REST API (pydantic): what /openapi.json publishes."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Pixels = list[list[float]]
+METHODS = Literal["saliency", "smoothgrad", "integrated-gradients", "gradcam"]
+
+
+class ImageIn(BaseModel):
+    """One image: `image` (base64 of a PNG/JPEG/... file, optionally as a data: URL) or `pixels` (rows of numbers,
+    0-255, or floats in 0-1; any polarity)."""
+
+    model_config = ConfigDict(extra="forbid")
+    image: str | None = Field(None, description="base64-encoded image file, or a data:image/...;base64, URL")
+    pixels: Pixels | None = Field(None, description="rows of pixel values, e.g. 28 rows of 28 numbers")
+    model_input: bool = Field(False, description="`pixels` are already the model's input (28x28, white digit on "
+                              "black, centred like MNIST): skip preprocessing. For clients that prepare images "
+                              "themselves; anything else should leave this false")  # fmt: skip
+
+
+class PredictIn(ImageIn):
+    top_k: int = Field(3, ge=1, le=100, description="how many most likely digits to list")
+    return_input: bool = Field(False, description="include the 28x28 image the model saw, as base64 PNG")
+
+
+class BatchIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    images: list[ImageIn] = Field(..., description="up to the server's max_batch images (256 by default)")
+    top_k: int = Field(3, ge=1, le=100)
+    return_input: bool = False
+
+
+class ReadIn(ImageIn):
+    pattern: str | None = Field(None, max_length=200, description="regular expression the whole string must match")
+
+
+class ExplainIn(ImageIn):
+    methods: list[METHODS] = Field(default_factory=lambda: ["saliency", "gradcam"], min_length=1, max_length=4)
+
+
+class FeedbackIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    request_id: str = Field(..., min_length=1, max_length=64)
+    true_label: str = Field(..., min_length=1, max_length=16, description="the correct class, e.g. \"7\"")
+
+
+class ReloadIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = Field(None, description="run folder or checkpoint on the server; default: the current one")
+
+
+class TopK(BaseModel):
+    digit: str
+    probability: float
+
+
+class Prediction(BaseModel):
+    request_id: str
+    model_version: str
+    digit: str | None = Field(..., description="null when rejected")
+    confidence: float
+    probabilities: list[float]
+    rejected: str | None = Field(..., description="null, or unreadable, empty, no-ink, not-a-digit, low-confidence")
+    predicted: str | None = Field(None, description="the model's top class, even when rejected for low confidence")
+    top_k: list[TopK]
+    error: str | None = None
+    latency_ms: float
+    cached: bool
+    input_png: str | None = None
+
+
+class BatchOut(BaseModel):
+    results: list[Prediction]
+    count: int
+    latency_ms: float
+
+
+class ReadDigit(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    box: list[int]
+    digit: str | None
+    confidence: float
+    rejected: str | None
+
+
+class ReadOut(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    request_id: str
+    model_version: str
+    text: str
+    digits: list[ReadDigit]
+    complete: bool
+    mean_confidence: float
+    latency_ms: float
+    pattern_ok: bool | None = None
+
+
+class ExplainOut(Prediction):
+    overlays: dict[str, str] = Field(..., description="method -> base64 PNG (28x28 heat map over the input)")
+    overlay_errors: dict[str, str]
+
+
+class FeedbackOut(BaseModel):
+    request_id: str
+    true_label: str
+    predicted: str | None
+    correct: bool
+
+
+class ModelOut(BaseModel):
+    name: str
+    version: str
+    checkpoint: str
+    checkpoint_sha256: str
+    classes: list[str]
+    metrics: dict[str, Any]
+    contract: dict[str, Any]
+    drift_baseline: dict[str, Any]
+
+
+class ErrorOut(BaseModel):
+    error: str
+    detail: Any

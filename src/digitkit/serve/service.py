@@ -1,0 +1,409 @@
+"""What the server does, without HTTP: inputs in, answers out, every answer cached, audited and monitored.
+
+The routes in app.py only parse requests into `Input`s and turn `ServiceError`s into 4xx responses; everything
+else lives here so it can be used and tested in-process. Images go through the one `Recognizer` (the same
+preprocess, model and rejection rules as `digitkit predict`), so an image gets the same answer from the CLI,
+the API and the drawing page.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import logging
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from digitkit.classify import Answer, Recognizer
+from digitkit.errors import DataError, DigitkitError
+from digitkit.preprocess import Preprocessed
+from digitkit.serve.audit import AuditLog, AuditRecord
+from digitkit.serve.drift import Baseline, DriftMonitor, compute_baseline, load_baseline, save_baseline
+from digitkit.serve.metrics import Metrics
+from digitkit.serve.settings import ServeSettings
+
+log = logging.getLogger("digitkit.serve")
+
+BASELINE_IMAGES = 2000
+"""Validation images answered to build a missing drift baseline (about 1 s on 2 cores)."""
+LATENCY_PROBES = 30
+
+
+class ServiceError(DigitkitError):
+    """A request the service cannot answer: `status` is the HTTP status (always 4xx), `error` a short title."""
+
+    def __init__(self, status: int, error: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.error, self.detail = status, error, detail
+
+
+@dataclass
+class Input:
+    """One image as received: encoded bytes (PNG, JPEG, ...) or a pixel array (H, W) of numbers."""
+
+    data: bytes | np.ndarray
+    name: str = "image"
+    model_input: bool = False
+    """Pixels already in the model's input format: preprocessing is skipped (see schemas.ImageIn)."""
+
+    def sha256(self) -> str:
+        if isinstance(self.data, np.ndarray):
+            a = np.ascontiguousarray(self.data, dtype=np.float64)
+            kind = "model-input" if self.model_input else "pixels"
+            return hashlib.sha256(f"{kind}{a.shape}".encode() + a.tobytes()).hexdigest()
+        return hashlib.sha256(self.data).hexdigest()
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    version: str
+    checkpoint: str
+    checkpoint_sha256: str
+    classes: list[str]
+    metrics: dict[str, Any]
+    contract: dict[str, Any]
+    config: dict[str, Any]
+
+
+class AnswerCache:
+    """Bounded LRU of answers by (model version, input hash). It stores the whole answer, so a hit returns
+    exactly what computing would (predictions are deterministic: the noise defence uses fixed noise)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._items: OrderedDict[tuple[str, str], dict[str, Any]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, str]) -> dict[str, Any] | None:
+        with self._lock:
+            hit = self._items.get(key)
+            if hit is not None:
+                self._items.move_to_end(key)
+            return hit
+
+    def put(self, key: tuple[str, str], value: dict[str, Any]) -> None:
+        if self.size == 0:
+            return
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class Loaded:
+    """A model with everything that belongs to it: replaced as a whole on reload."""
+
+    def __init__(self, path: str, settings: ServeSettings) -> None:
+        from digitkit import runs
+
+        opened = runs.open_model(path)
+        self.recognizer = Recognizer(opened.model, opened.ckpt["classes"], opened.cfg.inference, opened.cfg.preprocess)
+        sha = runs.checkpoint_sha256(opened.checkpoint_path)
+        name = opened.run_dir.name if opened.run_dir else opened.checkpoint_path.stem
+        summary = _read_json(opened.run_dir / "summary.json") if opened.run_dir else {}
+        pre = opened.cfg.preprocess
+        self.info = ModelInfo(
+            name=name, version=f"{name}-{sha[:12]}", checkpoint=str(opened.checkpoint_path), checkpoint_sha256=sha,
+            classes=list(opened.ckpt["classes"]),
+            metrics={k: summary[k] for k in ("test_accuracy", "val_accuracy", "params", "epochs", "best_epoch",
+                                             "macs_per_image") if k in summary},
+            contract={
+                "input": "any image (PNG, JPEG, BMP, TIFF, WebP, GIF) or a pixel array; digitkit.preprocess makes "
+                         "it MNIST-like",
+                "model_input_shape": [1, 1, pre.size, pre.size],
+                "model_input": "white digit on black, float in [0, 1], centred by mass in a 20x20 box",
+                "preprocess": pre.__dict__.copy(),
+                "inference": opened.cfg.inference.__dict__.copy(),
+            },
+            config=opened.ckpt.get("config") or {},
+        )  # fmt: skip
+        self.model_dir = opened.run_dir or opened.checkpoint_path.parent
+        self.baseline = self._baseline(opened, sha)
+        self.drift = DriftMonitor(self.baseline, settings.drift)
+
+    def _baseline(self, opened: Any, sha: str) -> Baseline:
+        stored = load_baseline(self.model_dir, sha)
+        if stored is not None:
+            return stored
+        baseline = _reference_baseline(opened, self.recognizer)
+        save_baseline(baseline, self.model_dir, sha)
+        return baseline
+
+
+def _reference_baseline(opened: Any, recognizer: Recognizer) -> Baseline:
+    """Answers on (part of) the model's validation split; a uniform prior when the data is not at hand."""
+    from digitkit import data, runs
+
+    cfg = opened.cfg
+    try:
+        full = data.load_split(cfg.data.dir, "train", verify=False)
+    except DigitkitError as e:
+        log.warning("no reference data for the drift baseline (%s); assuming uniform classes", e)
+        k = len(recognizer.classes)
+        return Baseline({c: 1 / k for c in recognizer.classes}, 0.9, 0.0, 0, "uniform prior (no data)")
+    _, val_idx = data.stratified_split(full.labels, cfg.data.val_fraction, cfg.seed)
+    val = runs.prepared(full.subset(val_idx[:BASELINE_IMAGES]), cfg)
+    pres = [Preprocessed(x.float().div(255)) for x in val.images]
+    answers = recognizer.answers(pres)
+    return compute_baseline(answers, recognizer.classes, f"{len(val)} validation images of {cfg.data.dir}")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+class Service:
+    def __init__(self, settings: ServeSettings) -> None:
+        self.settings = settings
+        torch.set_num_threads(settings.threads)
+        self.metrics = Metrics()
+        self.cache = AnswerCache(settings.cache_size)
+        self.loaded = Loaded(settings.model, settings)
+        self.audit = AuditLog(settings.audit_url(self.loaded.model_dir))
+        self._reload_lock = threading.Lock()
+        self.started = time.time()
+        self.loaded.baseline.latency_ms = self._measure_latency()
+
+    # ------------------------------------------------------------------------------------------ model
+    @property
+    def info(self) -> ModelInfo:
+        return self.loaded.info
+
+    def reload(self, path: str | None = None) -> ModelInfo:
+        """Load a model (the same path again by default) and swap it in; on any error the old one keeps serving."""
+        with self._reload_lock:
+            try:
+                fresh = Loaded(path or self.settings.model, self.settings)
+            except DigitkitError as e:
+                raise ServiceError(422, "model not loaded", f"{e}; the previous model keeps serving") from None
+            fresh.baseline.latency_ms = self.loaded.baseline.latency_ms
+            self.loaded = fresh
+            self.cache.clear()
+            if path:
+                self.settings.model = path
+            log.info("serving %s", fresh.info.version)
+            return fresh.info
+
+    def _measure_latency(self) -> float:
+        """Median time to answer one 28x28 image end to end (the drift monitor's latency baseline)."""
+        rng = np.random.default_rng(0)
+        probe = np.zeros((28, 28))
+        probe[6:22, 12:16] = 1.0
+        times = []
+        for _ in range(LATENCY_PROBES):
+            noisy = probe + rng.uniform(0, 0.01, probe.shape)  # distinct inputs: no cache
+            t0 = time.perf_counter()
+            self._compute(Input(noisy.astype(np.float32)))
+            times.append((time.perf_counter() - t0) * 1000)
+        return float(np.median(times))
+
+    # ------------------------------------------------------------------------------------------ answers
+    def predict(self, inputs: list[Input], route: str, client: str, top_k: int = 3, return_input: bool = False,
+                strict: bool = False) -> list[dict[str, Any]]:  # fmt: skip
+        """One answer dict per input, in order; every one is in the audit log before this returns.
+
+        An input that is not a readable image gets `rejected: "unreadable"` and an `error`; with `strict` (one
+        image per request) it raises ServiceError instead, after the attempt is logged.
+        """
+        return self._predict(inputs, route, client, top_k, return_input, strict)[0]
+
+    def _predict(self, inputs: list[Input], route: str, client: str, top_k: int, return_input: bool,
+                 strict: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:  # fmt: skip
+        loaded = self.loaded  # one model for the whole request, even if a reload happens meanwhile
+        version = loaded.info.version
+        results, entries, records = [], [], []
+        for item in inputs:
+            start = time.perf_counter()
+            entry, hit, sha = self._answer(item, loaded)
+            latency_ms = (time.perf_counter() - start) * 1000
+            answer = {**entry["answer"], "top_k": entry["answer"]["top_k"][:top_k]}
+            request_id = uuid.uuid4().hex
+            out = {"request_id": request_id, "model_version": version, **answer,
+                   "latency_ms": round(latency_ms, 3), "cached": hit}  # fmt: skip
+            if return_input:
+                out["input_png"] = png_base64(entry["image"]) if entry["image"] is not None else None
+            results.append(out)
+            entries.append(entry)
+            records.append(AuditRecord(
+                request_id=request_id, time=time.time(), route=route, input_sha256=sha, model_version=version,
+                digit=answer["digit"], confidence=answer["confidence"], rejected=answer["rejected"],
+                latency_ms=round(latency_ms, 3), client=client, cached=hit,
+                image=entry["image"].tobytes() if entry["image"] is not None else None,
+            ))  # fmt: skip
+        self.audit.record(records)  # durable before anyone is told the answer
+        for out in results:
+            self.metrics.observe_answer(out["digit"], out["confidence"], out["rejected"], out["cached"])
+            loaded.drift.observe(out["digit"], out["confidence"], out["latency_ms"])
+        if strict and len(entries) == 1 and entries[0]["status"]:
+            raise ServiceError(entries[0]["status"], entries[0]["title"], results[0]["error"])
+        return results, entries
+
+    def _answer(self, item: Input, loaded: Loaded) -> tuple[dict[str, Any], bool, str]:
+        """(cache entry {answer, image, status, title}, whether it came from the cache, input hash)."""
+        sha = item.sha256()
+        key = (loaded.info.version, sha)
+        entry = self.cache.get(key)
+        if entry is not None:
+            return entry, True, sha
+        answer, image, status, title = self._compute(item, loaded)
+        entry = {"answer": answer, "image": image, "status": status, "title": title}
+        self.cache.put(key, entry)
+        return entry, False, sha
+
+    def _compute(self, item: Input, loaded: Loaded | None = None) -> tuple[dict[str, Any], np.ndarray | None, int,
+                                                                           str]:  # fmt: skip
+        """(answer, the uint8 model input or None, and for an unusable input the 4xx status and title, else 0)."""
+        rec = (loaded or self.loaded).recognizer
+        status, title = 0, ""
+        try:
+            if item.model_input:
+                answer = rec.answers([self._model_input(item.data, rec)], top_k=len(rec.classes))[0]
+            else:
+                if isinstance(item.data, bytes):
+                    self._check_encoded(item.data)
+                answer = rec.predict([item.data], top_k=len(rec.classes))[0]
+        except ServiceError as e:
+            answer = Answer(None, 0.0, [], "unreadable", error=e.detail)
+            status, title = e.status, e.error
+        if answer.rejected == "unreadable" and not status:
+            status, title = 422, "unreadable image"
+        return _answer_json(answer), _uint8_image(answer), status, title
+
+    @staticmethod
+    def _model_input(pixels: np.ndarray, rec: Recognizer) -> Preprocessed:
+        size = rec.preprocess_cfg.size
+        if pixels.shape != (size, size):
+            raise ServiceError(422, "invalid pixels", f"model_input pixels are {pixels.shape[0]}x{pixels.shape[1]}; "
+                               f"the model takes {size}x{size}: send them without model_input to be preprocessed")
+        x = torch.from_numpy(pixels / 255 if pixels.max() > 1 else pixels).float()[None]
+        return Preprocessed(x, None, {"input": {"source": "model input", "width": size, "height": size}})
+
+    def _check_encoded(self, raw: bytes) -> None:
+        """The pixel cap, read from the header before anything is decoded (decompression bombs)."""
+        limit = self.settings.limits.max_image_pixels
+        try:
+            with Image.open(io.BytesIO(raw)) as img:
+                w, h = img.size
+        except Exception:  # noqa: BLE001 - not an image: preprocess says what is wrong in its own words
+            return
+        if w * h > limit:
+            raise ServiceError(413, "image too large",
+                               f"image is {w}x{h} = {w * h:,} pixels, over this server's limit of {limit:,}; "
+                               "shrink it (a digit needs far fewer pixels)")  # fmt: skip
+
+    def read(self, item: Input, client: str, pattern: str | None = None) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        if isinstance(item.data, bytes):
+            self._check_encoded(item.data)
+        loaded = self.loaded
+        try:
+            result = loaded.recognizer.read(item.data, pattern=pattern)
+        except DataError as e:
+            raise ServiceError(422, "unreadable image", str(e)) from None
+        latency_ms = (time.perf_counter() - t0) * 1000
+        request_id = uuid.uuid4().hex
+        result.pop("record", None)
+        self.audit.record([AuditRecord(
+            request_id=request_id, time=time.time(), route="read", input_sha256=item.sha256(),
+            model_version=loaded.info.version, digit=result["text"] or None, confidence=result["mean_confidence"],
+            rejected=None if result["complete"] else "incomplete", latency_ms=round(latency_ms, 3), client=client,
+        )])  # fmt: skip
+        return {"request_id": request_id, "model_version": loaded.info.version, **result,
+                "latency_ms": round(latency_ms, 3)}  # fmt: skip
+
+    def explain(self, item: Input, client: str, methods: list[str]) -> dict[str, Any]:
+        """The prediction (logged like /v1/predict) plus one heat-map overlay PNG per method."""
+        from digitkit import explain
+
+        loaded = self.loaded
+        results, entries = self._predict([item], "explain", client, 3, True, strict=True)
+        answer, image = results[0], entries[0]["image"]
+        x = torch.from_numpy(image.astype(np.float32) / 255)[None, None]
+        target = torch.tensor([loaded.info.classes.index(answer["predicted"])]) if answer.get("predicted") else None
+        overlays: dict[str, str] = {}
+        errors: dict[str, str] = {}
+        for method in methods:
+            try:
+                maps, _ = explain.attribute(loaded.recognizer.model, x, method, target, model_name=loaded.info.name)
+            except DigitkitError as e:
+                errors[method] = str(e)
+                continue
+            overlays[method] = png_base64(explain.overlay(x[0, 0].numpy(), maps[0].numpy()))
+        return {**answer, "overlays": overlays, "overlay_errors": errors}
+
+    def feedback(self, request_id: str, true_label: str) -> dict[str, Any]:
+        if true_label not in self.info.classes:
+            raise ServiceError(422, "unknown label",
+                               f"true_label {true_label!r} is not one of this model's classes "
+                               f"({', '.join(self.info.classes)})")  # fmt: skip
+        rec = self.audit.feedback(request_id, true_label)
+        if rec is None:
+            raise ServiceError(404, "unknown request id",
+                               f"no prediction with request_id {request_id!r} in the audit log; use the request_id "
+                               "a /v1/predict response returned")  # fmt: skip
+        self.metrics.feedback.inc()
+        return {"request_id": request_id, "true_label": true_label, "predicted": rec.digit,
+                "correct": rec.digit == true_label}  # fmt: skip
+
+    def refresh_live_metrics(self) -> None:
+        labelled, correct = self.audit.labelled_accuracy()
+        loaded = self.loaded
+        stats = loaded.drift.window_stats()
+        self.metrics.set_live(
+            digitkit_live_accuracy=correct / labelled if labelled else None,
+            digitkit_labelled_predictions=labelled,
+            digitkit_window_mean_confidence=stats["mean_confidence"] if stats["size"] else None,
+            digitkit_window_rejection_rate=stats["rejection_rate"] if stats["size"] else None,
+            digitkit_window_median_latency_ms=stats["median_latency_ms"] if stats["size"] else None,
+            digitkit_model_loaded=1,
+            drift_alert=dict(loaded.drift.alerts), drift_value=dict(loaded.drift.values),
+            model_version=loaded.info.version,
+        )  # fmt: skip
+
+    def close(self) -> None:
+        self.audit.close()
+
+
+def _answer_json(answer: Answer) -> dict[str, Any]:
+    out = answer.to_json()
+    out.pop("record", None)
+    if out.get("error") is None:
+        out.pop("error", None)
+    return out
+
+
+def _uint8_image(answer: Answer) -> np.ndarray | None:
+    if answer.x is None:
+        return None
+    return answer.x[0].mul(255).round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def png_base64(image: np.ndarray) -> str:
+    """(H, W) uint8 gray or (H, W, 3) uint8 RGB -> base64 PNG."""
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()

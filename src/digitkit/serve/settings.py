@@ -1,0 +1,158 @@
+"""Serving settings: one typed object built from an optional YAML file plus command-line flags.
+
+Secrets (the API key and the admin token) never come from the YAML or the command line, where they would end up
+in shell history, `ps` output or a committed file: they come from the environment (DIGITKIT_API_KEY,
+DIGITKIT_ADMIN_TOKEN) or from files named by --api-key-file / --admin-token-file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from digitkit.errors import ConfigError
+
+IMAGE_TYPES = ("image/png", "image/jpeg", "image/bmp", "image/tiff", "image/webp", "image/gif")
+SETTINGS_ENV = "DIGITKIT_SERVE_SETTINGS"
+"""Workers started by uvicorn (--workers N) read their settings as JSON from this variable."""
+
+
+@dataclass
+class LimitSettings:
+    """What one request may ask for. Each violation is a 4xx with a JSON error, never a 500."""
+
+    max_request_bytes: int = 8 * 2**20
+    """Whole request body (8 MiB fits a 12 MP JPEG photo of a form)."""
+    max_image_pixels: int = 40_000_000
+    """Decoded size checked from the image header before decoding (decompression bombs)."""
+    max_batch: int = 256
+    """Images per /v1/predict/batch request."""
+    max_pixels_side: int = 1024
+    """Largest side of a JSON `pixels` array."""
+    request_timeout_s: float = 30.0
+    """Work on one request (after its body arrived) longer than this answers 408."""
+    content_types: list[str] = field(default_factory=lambda: list(IMAGE_TYPES))
+    """Image types accepted as a raw body or a multipart file (JSON and multipart are always accepted)."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_request_bytes", "max_image_pixels", "max_batch", "max_pixels_side"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"limits.{name} = {getattr(self, name)}: expected a positive integer")
+        if self.request_timeout_s <= 0:
+            raise ConfigError(f"limits.request_timeout_s = {self.request_timeout_s}: expected seconds > 0")
+
+
+@dataclass
+class DriftSettings:
+    """Live traffic against the baseline stored with the model (see digitkit.serve.drift)."""
+
+    window: int = 1000
+    """Most recent predictions the rolling statistics cover."""
+    min_samples: int = 200
+    """No verdict before this many predictions are in the window."""
+    check_every: int = 50
+    """Predictions between two checks."""
+    class_shift: float = 0.25
+    """Alert when the total-variation distance between the window's predicted-class distribution and the
+    baseline's exceeds this (0 = identical, 1 = disjoint)."""
+    confidence_drop: float = 0.10
+    """Alert when the window's mean confidence is this far below the baseline's."""
+    rejection_rise: float = 0.15
+    """Alert when the window's rejection rate is this far above the baseline's."""
+    latency_ratio: float = 3.0
+    """Alert when the window's median latency exceeds this many times the startup baseline."""
+
+    def __post_init__(self) -> None:
+        if self.window < 1 or self.min_samples < 1 or self.check_every < 1:
+            raise ConfigError("drift.window, drift.min_samples and drift.check_every must be positive integers")
+        if self.min_samples > self.window:
+            raise ConfigError(f"drift.min_samples = {self.min_samples} exceeds drift.window = {self.window}")
+        if self.latency_ratio <= 1:
+            raise ConfigError(f"drift.latency_ratio = {self.latency_ratio}: expected a ratio > 1")
+
+
+@dataclass
+class ServeSettings:
+    model: str = "runs/latest"
+    """Run folder or checkpoint file."""
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 1
+    audit_db: str | None = None
+    """SQLAlchemy URL or SQLite file path; None: serve/audit.db inside the run folder (or beside the checkpoint)."""
+    threads: int = 1
+    """Torch threads per worker. One request is one small forward pass: a second thread costs more in handoff
+    than it saves, and the worker's thread pool already runs requests side by side."""
+    cache_size: int = 4096
+    """Answers kept by input hash (0 turns the cache off)."""
+    log_level: str = "info"
+    limits: LimitSettings = field(default_factory=LimitSettings)
+    drift: DriftSettings = field(default_factory=DriftSettings)
+    api_key: str | None = field(default=None, repr=False)
+    """Required on prediction routes when set (header X-API-Key or Authorization: Bearer)."""
+    admin_token: str | None = field(default=None, repr=False)
+    """Required on admin routes; without one they are disabled."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port {self.port}: expected 0-65535")
+        if self.workers < 1 or self.threads < 1 or self.cache_size < 0:
+            raise ConfigError("workers and threads must be >= 1 and cache_size >= 0")
+        for name in ("api_key", "admin_token"):
+            value = getattr(self, name)
+            if value is not None and len(value) < 8:
+                raise ConfigError(f"the {name.replace('_', ' ')} is {len(value)} characters; use at least 8 "
+                                  "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe())'`)")  # fmt: skip
+
+    def audit_url(self, model_dir: Path) -> str:
+        if self.audit_db:
+            return self.audit_db
+        return f"sqlite:///{(model_dir / 'serve' / 'audit.db').resolve()}"
+
+    def to_env(self) -> str:
+        """JSON for SETTINGS_ENV (secrets included: the variable lives only in this process and its workers)."""
+        return json.dumps(dataclasses.asdict(self))
+
+
+def from_dict(raw: dict[str, Any], source: str = "settings") -> ServeSettings:
+    from digitkit.config import _build  # the same strict builder as the run config: unknown keys are errors
+
+    try:
+        return _build(ServeSettings, raw, "")
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def load(path: str | Path | None, overrides: dict[str, Any], secrets_from: dict[str, str | None]) -> ServeSettings:
+    """YAML file (optional), then command-line values (None = not given), then secrets from files or env."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: settings file not found") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping (model:, port:, limits:, drift: ...)")
+        for secret in ("api_key", "admin_token"):
+            if secret in raw:
+                raise ConfigError(f"{path}: {secret} does not belong in a settings file; set DIGITKIT_"
+                                  f"{secret.upper()} or pass --{secret.replace('_', '-')}-file")  # fmt: skip
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    for secret, file_name in secrets_from.items():
+        value = os.environ.get(f"DIGITKIT_{secret.upper()}") or None
+        if file_name:
+            try:
+                value = Path(file_name).read_text().strip()
+            except OSError as e:
+                flag = f"--{secret.replace('_', '-')}-file"
+                raise ConfigError(f"{flag} {file_name}: cannot read it ({e.strerror})") from None
+        raw[secret] = value
+    return from_dict(raw, str(path) if path else "settings")
