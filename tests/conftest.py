@@ -73,3 +73,32 @@ def mnist_small_run(tmp_path_factory, mnist_train) -> Path:
     small = mnist_train.subset(sub)
     runs.train_run(cfg, out=out, datasets=(small.subset(train_idx), small.subset(val_idx), None))
     return out
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A PostgreSQL server URL: $DIGITKIT_TEST_POSTGRES_URL (CI sets it), else a private throwaway server started
+    with .ci/postgres.sh for this session. Without PostgreSQL the test is skipped, or fails when DIGITKIT_CI=1."""
+    import os
+    import subprocess
+
+    url = os.environ.get("DIGITKIT_TEST_POSTGRES_URL")
+    if url:
+        yield url
+        return
+    script = ROOT / ".ci" / "postgres.sh"
+    try:
+        done = subprocess.run(["bash", str(script), "start"], capture_output=True, text=True, timeout=180)
+        problem = "" if done.returncode == 0 else (done.stderr.strip().splitlines() or ["no output"])[-1]
+    except (OSError, subprocess.TimeoutExpired) as e:
+        problem, done = str(e), None
+    if problem:
+        reason = f"no PostgreSQL server for the tests ({problem}); set DIGITKIT_TEST_POSTGRES_URL or install postgresql"
+        if os.environ.get("DIGITKIT_CI") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    env = dict(line.removeprefix("export ").split("=", 1) for line in done.stdout.splitlines() if "=" in line)
+    try:
+        yield env["DIGITKIT_TEST_POSTGRES_URL"]
+    finally:
+        subprocess.run(["bash", str(script), "stop", env["DIGITKIT_PG_DIR"]], capture_output=True, timeout=120)

@@ -53,8 +53,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from digitkit.train import SilentReporter
 
     if args.resume:
-        if args.config or args.set:
-            raise ConfigError("--resume continues a run with its own saved config; drop --config and --set")
+        if args.config or args.set or args.extra_data:
+            raise ConfigError("--resume continues a run with its own saved config; drop --config, --set and "
+                              "--extra-data")  # fmt: skip
         run_dir = runs.resolve_run(args.resume)
         cfg = config.load(run_dir / "config.yaml")
     else:
@@ -62,6 +63,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.data_dir:
             overrides.append(f"data.dir={args.data_dir}")
         cfg = config.load(args.config, overrides)
+        # Appended to the config (not a side channel), so the run's saved config.yaml reproduces it.
+        cfg.data.extra_dirs = [*cfg.data.extra_dirs, *(args.extra_data or [])]
     reporter = SilentReporter() if args.quiet else ConsoleReporter(bar=sys.stderr.isatty() or args.progress)
     out = Path(args.out) if args.out else None
     summary = runs.train_run(
@@ -309,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="YAML config (configs/default.yaml, configs/fast.yaml, ...)")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. train.lr=3e-3")
     t.add_argument("--data-dir", help="folder with the four IDX files (default: the config's data.dir)")
+    t.add_argument("--extra-data", action="append", metavar="DIR",
+                   help="extra IDX training set (train-* files, e.g. from `digitkit audit export --format idx`) added "
+                   "to the training portion only; repeatable; appended to data.extra_dirs")  # fmt: skip
     t.add_argument("--out", help="run folder (default: runs/<time>-<model>, with runs/latest pointing to it)")
     t.add_argument("--runs-root", default="runs", help=argparse.SUPPRESS)
     t.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last epoch checkpoint")
@@ -494,6 +500,25 @@ def build_parser() -> argparse.ArgumentParser:
     sv.set_defaults(func=cmd_serve)
 
     # --- audit parser (anchor: owned by the audit-log work)
+    au = sub.add_parser("audit", help="statistics and exports of the serving audit log",
+                        epilog="DB is a SQLite file or an SQLAlchemy URL (sqlite:///serve/audit.db, "
+                        "postgresql://user@host/db), as given to `digitkit serve --audit-db`.")  # fmt: skip
+    ausub = au.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
+    aus = ausub.add_parser("stats", help="totals, rejections, latency percentiles, labelled accuracy")
+    aus.add_argument("--db", required=True, metavar="URL", help="audit database (file path or URL)")
+    aus.add_argument("--since", metavar="WHEN", help="only predictions since WHEN: ISO time (2024-05-01, "
+                     "2024-05-01T12:00, local unless it has an offset), unix seconds, or an age: 30m, 24h, 7d")
+    aus.add_argument("--json", action="store_true", help="print one JSON object")
+    aus.set_defaults(func=cmd_audit_stats)
+    aue = ausub.add_parser("export", help="the log as CSV or JSON lines, or labelled images as an IDX training set",
+                           epilog="csv: every column but the image; jsonl: every column, the 28x28 image as base64 "
+                           "(image_b64); idx: labelled images only, a folder for `digitkit train --extra-data`.")
+    aue.add_argument("--db", required=True, metavar="URL", help="audit database (file path or URL)")
+    aue.add_argument("--format", required=True, choices=("csv", "jsonl", "idx"))
+    aue.add_argument("--labelled", action="store_true", help="only predictions with a label from feedback")
+    aue.add_argument("--out", metavar="FILE_OR_DIR", help="output file (csv, jsonl; default or '-': stdout) or "
+                     "folder (idx, required)")  # fmt: skip
+    aue.set_defaults(func=cmd_audit_export)
     return p
 
 
@@ -832,6 +857,114 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 # --- audit commands (anchor: owned by the audit-log work)
+def parse_since(text: str | None, now: float | None = None) -> float | None:
+    """Unix seconds from an ISO time (naive = local time), unix seconds, or an age such as 90s, 30m, 24h, 7d."""
+    import datetime as dt
+    import re
+    import time
+
+    if text is None:
+        return None
+    text = text.strip()
+    age = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", text)
+    if age:
+        return (time.time() if now is None else now) - float(age[1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[age[2]]
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        return dt.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        raise ConfigError(
+            f"--since {text!r}: expected an ISO time (2024-05-01 or 2024-05-01T12:00:00+00:00), unix seconds "
+            "(1714557600) or an age (30m, 24h, 7d)"
+        ) from None
+
+
+def cmd_audit_stats(args: argparse.Namespace) -> int:
+    from digitkit.serve.audit import AuditLog
+
+    log = AuditLog(args.db)
+    try:
+        stats = log.stats(since=parse_since(args.since))
+    finally:
+        log.close()
+    if args.json:
+        print(json.dumps(stats))
+        return 0
+    print_audit_stats(stats)
+    return 0
+
+
+def print_audit_stats(s: dict[str, Any]) -> None:
+    import datetime as dt
+
+    def when(t: float | None) -> str:
+        return dt.datetime.fromtimestamp(t).isoformat(sep=" ", timespec="seconds") if t is not None else "-"
+
+    def counts(d: dict[str, int]) -> str:
+        return ", ".join(f"{k}: {v:,}" for k, v in d.items()) or "-"
+
+    def pct(x: float | None) -> str:
+        return f"{100 * x:.1f}%" if x is not None else "-"
+
+    total = s["total"]
+    print(f"audit log      {s['database']}" + (f"  (since {when(s['since'])})" if s["since"] is not None else ""))
+    print(f"predictions    {total:,}" + (f"  ({when(s['first_time'])} to {when(s['last_time'])})" if total else ""))
+    if not total:
+        return
+    lat = s["latency_ms"]
+    print(f"routes         {counts(s['per_route'])}")
+    print(f"answers        {counts(s['per_class'])}")
+    print(f"rejected       {s['rejected']:,} ({pct(s['rejection_rate'])})" +
+          (f"; {counts(s['rejections'])}" if s["rejections"] else ""))  # fmt: skip
+    mean_conf = s["mean_confidence"]
+    print(f"confidence     mean {mean_conf:.3f} (answered)" if mean_conf is not None else "confidence     -")
+    print(f"latency ms     p50 {lat['p50']:.1f}  p95 {lat['p95']:.1f}  p99 {lat['p99']:.1f}  mean {lat['mean']:.1f}")
+    print(f"cache hits     {s['cache_hits']:,} ({pct(s['cache_hit_rate'])})")
+    acc = s["labelled_accuracy"]
+    print(f"labelled       {s['labelled']:,}" + (f"; accuracy {pct(acc)} ({s['labelled_correct']:,} of "
+                                                 f"{s['labelled_answered']:,} answered)" if acc is not None else ""))
+    print(f"model versions {counts(s['model_versions'])}")
+
+
+def cmd_audit_export(args: argparse.Namespace) -> int:
+    import os
+    import tempfile
+
+    from digitkit.serve.audit import AuditLog
+
+    to_stdout = args.out in (None, "-")
+    if args.format == "idx" and to_stdout:
+        raise ConfigError("--format idx writes a folder of IDX files; give it with --out DIR")
+    log = AuditLog(args.db)
+    try:
+        if args.format == "idx":
+            # Only labelled predictions: training on the model's own answers would teach it nothing new.
+            counts = log.export_idx(Path(args.out), labelled_only=True)
+            print(f"wrote {sum(counts.values()):,} labelled images to {args.out} "
+                  f"({', '.join(f'{k}: {v}' for k, v in counts.items())}); "
+                  f"train with: digitkit train --extra-data {args.out}")  # fmt: skip
+        elif to_stdout:
+            log.export(sys.stdout, args.format, labelled_only=args.labelled)
+        else:
+            out = Path(args.out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            # Written beside the target and renamed at the end: an interrupted export never leaves half a file.
+            fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+                    n = log.export(f, args.format, labelled_only=args.labelled)
+                os.chmod(tmp, 0o644)
+                os.replace(tmp, out)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+            print(f"wrote {n:,} predictions to {out}", file=sys.stderr)
+    finally:
+        log.close()
+    return 0
 
 
 def _positive(text: str) -> int:

@@ -32,8 +32,14 @@ class DataConfig:
     """Share of each class of the training set held out for validation (stratified, seeded)."""
     verify: bool = True
     """Check SHA-256 sums from the folder's SHA256SUMS.raw before training."""
+    extra_dirs: list[str] = field(default_factory=list)
+    """Extra IDX training sets (train-images/train-labels only, same classes and image size), added to the training
+    portion only: validation stays the hold-out of `dir` and the test set stays `dir`'s. `digitkit audit export
+    --format idx` writes such a folder from the serving feedback; `digitkit train --extra-data DIR` appends here."""
 
     def __post_init__(self) -> None:
+        if not all(isinstance(d, str) and d for d in self.extra_dirs):
+            raise ConfigError(f"data.extra_dirs = {self.extra_dirs!r}: expected a list of folder paths")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(
                 f"data.val_fraction = {self.val_fraction}: expected a fraction in (0, 1); validation is what "

@@ -5,6 +5,8 @@ A data folder holds four IDX files named like MNIST's (`train-images-idx3-ubyte`
 `emnist-letters-train-images-idx3-ubyte` and `test` for `t10k` are accepted too). Optional files:
 `SHA256SUMS.raw` (sha256sum format, over the *uncompressed* bytes) is checked when present, and
 `classes.txt` (one class name per line) names the classes. Nothing here assumes ten classes or 28x28.
+Extra training folders (`load_extra`, e.g. labelled field data exported from the audit log) need only the two
+train files.
 """
 
 from __future__ import annotations
@@ -63,6 +65,11 @@ class Dataset:
 
 def find_files(data_dir: Path) -> dict[tuple[str, str], Path]:
     """Map (split, kind) -> file for the four IDX files in `data_dir`; a clear error if any is missing."""
+    return _find_roles(data_dir, list(_ROLE_PATTERNS))
+
+
+def _find_roles(data_dir: Path, required: list[tuple[str, str]]) -> dict[tuple[str, str], Path]:
+    """The IDX files present in `data_dir` by role; a clear error if a `required` role has none."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise DataError(
@@ -75,13 +82,14 @@ def find_files(data_dir: Path) -> dict[tuple[str, str], Path]:
         hits = [n for n in names if re.search(pattern, n)]
         # Prefer the raw file when both raw and .gz exist: same bytes, faster to read.
         hits.sort(key=lambda n: (n.endswith(".gz"), n))
-        if not hits:
+        if hits:
+            found[role] = data_dir / hits[0]
+        elif role in required:
             want = "-".join(["t10k" if role[0] == "test" else "train", role[1]])
             raise DataError(
                 f"{data_dir}: no {role[0]} {role[1]} file (expected a name like "
                 f"{want}-idx{3 if role[1] == 'images' else 1}-ubyte[.gz]); found: {', '.join(names) or 'nothing'}"
             )
-        found[role] = data_dir / hits[0]
     return found
 
 
@@ -129,6 +137,54 @@ def load_split(data_dir: str | Path, split: str, verify: bool = True) -> Dataset
     return Dataset(x, y, classes, source=str(files[(split, "images")]))
 
 
+def load_extra(data_dir: str | Path, classes: list[str], shape: tuple[int, int], verify: bool = True) -> Dataset:
+    """Extra training images from an IDX folder that needs only train-images/train-labels (what
+    `digitkit audit export --format idx` writes), checked against the main data set's `classes` and image `shape`."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DataError(
+            f"{data_dir}: extra training data folder not found; expected a folder with train-images-idx3-ubyte.gz "
+            "and train-labels-idx1-ubyte.gz (digitkit audit export --format idx --out DIR writes one)"
+        )
+    files = _find_roles(data_dir, [("train", "images"), ("train", "labels")])
+    sums = expected_sums(data_dir) if verify else {}
+    images = _read_checked(files[("train", "images")], sums)
+    labels = _read_checked(files[("train", "labels")], sums)
+    if images.ndim != 3 or images.dtype != np.uint8 or tuple(images.shape[1:]) != tuple(shape):
+        raise DataError(
+            f"{files[('train', 'images')]}: extra training images are {images.dtype} {images.shape[1:]}, the training "
+            f"data is uint8 {tuple(shape)}; resize them to {shape[0]}x{shape[1]} (as digitkit's preprocessing does) "
+            "or drop this --extra-data folder"
+        )
+    if labels.ndim != 1 or labels.dtype != np.uint8 or len(labels) != len(images):
+        raise DataError(
+            f"{files[('train', 'labels')]}: expected {len(images)} uint8 labels (one per image), got "
+            f"{labels.dtype} {labels.shape}; the image and label files do not belong together"
+        )
+    if (data_dir / CLASSES_FILE).is_file() and class_names(data_dir) != list(classes):
+        raise DataError(
+            f"{data_dir / CLASSES_FILE}: extra training data has classes {', '.join(class_names(data_dir))}, the "
+            f"training data has {', '.join(classes)}; only data with the same classes (in the same order) can be added"
+        )
+    if len(labels) and labels.max() >= len(classes):
+        raise DataError(
+            f"{files[('train', 'labels')]}: label {int(labels.max())} but the training data has only {len(classes)} "
+            "classes; only data with the same classes can be added"
+        )
+    x = torch.from_numpy(images).unsqueeze(1)
+    y = torch.from_numpy(labels.astype(np.int64))
+    return Dataset(x, y, list(classes), source=str(files[("train", "images")]))
+
+
+def concat(datasets: list[Dataset]) -> Dataset:
+    """One data set from several with the same classes, in order."""
+    first = datasets[0]
+    if len(datasets) == 1:
+        return first
+    return Dataset(torch.cat([d.images for d in datasets]), torch.cat([d.labels for d in datasets]), first.classes,
+                   " + ".join(d.source for d in datasets))  # fmt: skip
+
+
 def class_names(data_dir: Path) -> list[str]:
     """Class names from classes.txt if present, else '0'..'K-1' where K = 1 + the largest training label."""
     path = Path(data_dir) / CLASSES_FILE
@@ -137,7 +193,7 @@ def class_names(data_dir: Path) -> list[str]:
         if len(names) < 2 or len(set(names)) != len(names):
             raise DataError(f"{path}: expected at least two distinct class names, one per line")
         return names
-    labels = idx.read(find_files(data_dir)[("train", "labels")])
+    labels = idx.read(_find_roles(data_dir, [("train", "labels")])[("train", "labels")])
     return [str(i) for i in range(int(labels.max()) + 1)]
 
 
@@ -213,10 +269,10 @@ def save_split(dataset: Dataset, data_dir: Path, split: str, compress: bool = Tr
 
 
 def write_sums(data_dir: Path) -> Path:
-    """Write SHA256SUMS.raw for every IDX file in a folder, so it verifies like the shipped MNIST copy."""
+    """Write SHA256SUMS.raw for every IDX file in a folder (two or four), so it verifies like the shipped MNIST copy."""
     data_dir = Path(data_dir)
     lines = []
-    for path in sorted(find_files(data_dir).values()):
+    for path in sorted(_find_roles(data_dir, [("train", "images"), ("train", "labels")]).values()):
         lines.append(f"{idx.sha256(idx.read_bytes(path))}  {path.name.removesuffix('.gz')}\n")
     out = data_dir / SUMS_FILE
     idx.atomic_write_bytes(out, "".join(lines).encode())

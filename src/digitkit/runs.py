@@ -52,12 +52,24 @@ def point_latest(root: Path, run_dir: Path) -> None:
     os.replace(tmp, root / "latest")
 
 
-def load_data(cfg: Config) -> tuple[data.Dataset, data.Dataset, data.Dataset]:
-    """(train, val, test): a seeded stratified hold-out of the training files, and the sealed test files."""
+def load_data(cfg: Config, extra: bool = True) -> tuple[data.Dataset, data.Dataset, data.Dataset]:
+    """(train, val, test): a seeded stratified hold-out of the training files, and the sealed test files.
+
+    The `data.extra_dirs` sets are appended to the training portion (unless `extra` is False); validation and test
+    never see them, so the figures stay comparable with runs without extra data."""
     full = prepared(data.load_split(cfg.data.dir, "train", verify=cfg.data.verify), cfg)
     test = prepared(data.load_split(cfg.data.dir, "test", verify=cfg.data.verify), cfg)
     train_idx, val_idx = data.stratified_split(full.labels, cfg.data.val_fraction, cfg.seed)
-    return full.subset(train_idx), full.subset(val_idx), test
+    train = full.subset(train_idx)
+    if extra:
+        train = data.concat([train, *load_extra_sets(cfg, train)])
+    return train, full.subset(val_idx), test
+
+
+def load_extra_sets(cfg: Config, like: data.Dataset) -> list[data.Dataset]:
+    """The `data.extra_dirs` training sets, checked against `like` (classes, image size) and prepared like it."""
+    shape = (like.images.shape[2], like.images.shape[3])
+    return [prepared(data.load_extra(d, like.classes, shape, verify=cfg.data.verify), cfg) for d in cfg.data.extra_dirs]
 
 
 def prepared(ds: data.Dataset, cfg: Config) -> data.Dataset:
@@ -93,7 +105,14 @@ def train_run(
         torch.set_num_threads(cfg.train.threads)
     started = time.perf_counter()
     # Data first: a missing or corrupt file must fail before a run folder (and runs/latest) is made.
-    train_set, val_set, test_set = datasets if datasets is not None else load_data(cfg)
+    extra_images = 0
+    if datasets is not None:
+        train_set, val_set, test_set = datasets
+    else:
+        train_set, val_set, test_set = load_data(cfg, extra=False)
+        extra_sets = load_extra_sets(cfg, train_set)
+        train_set = data.concat([train_set, *extra_sets])
+        extra_images = sum(len(d) for d in extra_sets)
     resume_state = None
     if resume is not None:
         run_dir = Path(resume)
@@ -128,7 +147,7 @@ def train_run(
     if stop_after_epochs is not None and state.epoch < cfg.train.epochs and not state.stopped_early:
         return {"run_dir": str(run_dir), "epochs": state.epoch, "finished": False}
     return finish_run(cfg, run_dir, state.history, val_set, test_set, time.perf_counter() - started,
-                      stopped_early=state.stopped_early)  # fmt: skip
+                      stopped_early=state.stopped_early, extra_training_images=extra_images)  # fmt: skip
 
 
 def finish_run(
@@ -139,6 +158,7 @@ def finish_run(
     test_set: data.Dataset | None,
     seconds: float,
     stopped_early: bool,
+    extra_training_images: int = 0,
 ) -> dict[str, Any]:
     """Evaluate the best checkpoint (chosen on validation) once on the test set; plots and summary.json."""
     best_path = checkpoint.resolve(run_dir)
@@ -163,6 +183,7 @@ def finish_run(
         "checkpoint": best_path.name,
         "classes": val_set.classes,
         "augment_enabled": cfg.augment.enabled,
+        "extra_training_images": extra_training_images,
         "seed": cfg.seed,
         "device": str(device),
         "threads": torch.get_num_threads(),

@@ -1,0 +1,471 @@
+"""The serving audit log: one row per answer in a SQL table `predictions` (SQLite or PostgreSQL, SQLAlchemy Core).
+
+Every answer the server gives is recorded before the client sees it; `/v1/feedback` later adds the true label.
+From the log come statistics (`digitkit audit stats`), exports as CSV or JSON lines, and an MNIST-style IDX
+training set of the labelled field images (`digitkit audit export --format idx`, then
+`digitkit train --extra-data DIR`).
+
+URLs: `sqlite:///path/audit.db`, a bare file path (SQLite), or `postgresql://user@host/db` (psycopg 3;
+`postgresql+psycopg://` is the same). Several server workers may share one SQLite file: it runs in WAL mode with a
+busy timeout, so writers queue instead of failing.
+
+Exports: CSV has every column except the image; JSON lines have every column, the image (the 28x28 uint8 model
+input, row-major) as base64 under `image_b64` (null when the input was unreadable).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import csv
+import json
+import math
+import os
+import threading
+import time
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, NoSuchModuleError, SQLAlchemyError
+
+from digitkit.errors import ConfigError, DataError
+
+IMAGE_SIZE = 28
+IMAGE_BYTES = IMAGE_SIZE * IMAGE_SIZE
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+EXPORT_FORMATS = ("csv", "jsonl")
+
+
+@dataclass
+class AuditRecord:
+    """One answer of the server, as stored in the `predictions` table."""
+
+    request_id: str
+    """uuid4 hex, the primary key; the client sends it back with /v1/feedback."""
+    time: float
+    """Unix seconds when the answer was given."""
+    route: str
+    """predict, batch, read or explain."""
+    input_sha256: str
+    """SHA-256 of the raw request input bytes (or of the pixel array bytes)."""
+    model_version: str
+    digit: str | None
+    """The answer; None when rejected."""
+    confidence: float
+    rejected: str | None
+    """None, or why: unreadable, empty, no-ink, not-a-digit, low-confidence (the server may add others)."""
+    latency_ms: float
+    client: str
+    """Client address, "host:port" or host."""
+    cached: bool = False
+    image: bytes | None = None
+    """The 28x28 uint8 model input, row-major, exactly 784 bytes; None if the input was unreadable."""
+    true_label: str | None = None
+    """Set later by feedback."""
+    feedback_time: float | None = None
+
+
+COLUMNS = [f.name for f in fields(AuditRecord)]
+TEXT_COLUMNS = [c for c in COLUMNS if c != "image"]
+
+metadata = sa.MetaData()
+predictions = sa.Table(
+    "predictions",
+    metadata,
+    sa.Column("request_id", sa.String(64), primary_key=True),
+    sa.Column("time", sa.Double, nullable=False),
+    sa.Column("route", sa.String(32), nullable=False),
+    sa.Column("input_sha256", sa.String(64), nullable=False),
+    sa.Column("model_version", sa.Text, nullable=False),
+    sa.Column("digit", sa.Text),
+    sa.Column("confidence", sa.Double, nullable=False),
+    sa.Column("rejected", sa.String(64)),
+    sa.Column("latency_ms", sa.Double, nullable=False),
+    sa.Column("client", sa.Text, nullable=False),
+    sa.Column("cached", sa.Boolean, nullable=False, default=False),
+    sa.Column("image", sa.LargeBinary),
+    sa.Column("true_label", sa.Text),
+    sa.Column("feedback_time", sa.Double),
+    sa.Index("ix_predictions_time", "time"),
+    sa.Index("ix_predictions_true_label", "true_label"),
+)
+
+
+def normalize_url(url: str) -> URL:
+    """An SQLAlchemy URL for SQLite or PostgreSQL (psycopg 3); a bare path means a SQLite file."""
+    text = str(url).strip()
+    if not text:
+        raise ConfigError("audit database: empty URL; expected a SQLite file path or postgresql://user@host/db")
+    if "://" not in text:
+        return URL.create("sqlite", database=str(Path(text).expanduser()))
+    try:
+        parsed = make_url(text)
+    except (ArgumentError, ValueError):
+        raise ConfigError(
+            f"audit database {_redact_text(text)!r}: not a database URL; expected sqlite:///path/audit.db, "
+            "a file path, or postgresql://user:password@host:5432/db"
+        ) from None
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        if parsed.drivername != "sqlite":
+            parsed = parsed.set(drivername="sqlite")
+        if not parsed.database or parsed.database == ":memory:":
+            raise ConfigError(
+                f"audit database {text!r}: an in-memory SQLite database is lost when the server stops and is not "
+                "shared between workers; give a file: sqlite:///path/audit.db"
+            )
+        return parsed
+    if backend in ("postgresql", "postgres"):
+        return parsed.set(drivername="postgresql+psycopg")
+    raise ConfigError(
+        f"audit database {safe_url(parsed)!r}: unsupported database {backend!r}; expected sqlite:///path/audit.db "
+        "or postgresql://user@host/db"
+    )
+
+
+def safe_url(url: URL) -> str:
+    """The URL as text with its password hidden, for messages and logs."""
+    return url.render_as_string(hide_password=True)
+
+
+def _redact_text(text: str) -> str:
+    # For strings that did not parse as URLs: drop anything between "://user:" and "@".
+    head, sep, rest = text.partition("://")
+    if sep and "@" in rest:
+        creds, _, host = rest.rpartition("@")
+        user = creds.split(":", 1)[0]
+        return f"{head}://{user}:***@{host}" if ":" in creds else text
+    return text
+
+
+class AuditLog:
+    """The `predictions` table behind a URL; thread-safe, and safe for several processes on one SQLite file."""
+
+    def __init__(self, url: str) -> None:
+        self.url = normalize_url(url)
+        self.display_url = safe_url(self.url)
+        self.is_sqlite = self.url.get_backend_name() == "sqlite"
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        if self.is_sqlite:
+            path = Path(self.url.database or "")
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise DataError(
+                    f"audit database {self.display_url}: cannot create the folder {path.parent} ({e.strerror}); "
+                    "choose a writable location with --audit-db"
+                ) from None
+            self.engine = sa.create_engine(self.url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        else:
+            try:
+                self.engine = sa.create_engine(self.url, pool_pre_ping=True, connect_args={"connect_timeout": 10})
+            except (NoSuchModuleError, ImportError) as e:
+                raise ConfigError(
+                    f"audit database {self.display_url}: the PostgreSQL driver is missing ({e}); "
+                    "install it with: pip install 'psycopg[binary]>=3.1'"
+                ) from None
+        self._create_table()
+
+    # ------------------------------------------------------------------------------------------ plumbing
+    def _engine(self) -> Engine:
+        # A forked child must not reuse the parent's pooled connections (SQLAlchemy's multiprocessing advice).
+        if os.getpid() != self._pid:
+            with self._lock:
+                if os.getpid() != self._pid:
+                    self.engine.dispose(close=False)
+                    self._pid = os.getpid()
+        return self.engine
+
+    def _error(self, e: SQLAlchemyError, doing: str) -> DataError:
+        reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if self.url.password:
+            reason = reason.replace(str(self.url.password), "***")
+        hint = (
+            "check the file and folder are writable and the disk is not full"
+            if self.is_sqlite
+            else "check the server is running and reachable, and the user, password and database name"
+        )
+        return DataError(f"audit database {self.display_url}: cannot {doing} ({reason}); {hint}")
+
+    def _create_table(self) -> None:
+        # IF NOT EXISTS: several workers may open a new database at the same moment.
+        try:
+            with self._engine().begin() as conn:
+                conn.execute(sa.schema.CreateTable(predictions, if_not_exists=True))
+                for index in predictions.indexes:
+                    conn.execute(sa.schema.CreateIndex(index, if_not_exists=True))
+        except IntegrityError:
+            # PostgreSQL can still race on its catalog when two processes create the table at once; the other
+            # one won, which is all that was needed.
+            pass
+        except (DBAPIError, SQLAlchemyError) as e:
+            raise self._error(e, "open the database") from None
+
+    # ------------------------------------------------------------------------------------------ writes
+    def record(self, records: list[AuditRecord]) -> None:
+        """Insert the records in one transaction; when this returns they are committed."""
+        if not records:
+            return
+        rows = []
+        for rec in records:
+            if rec.image is not None and len(rec.image) != IMAGE_BYTES:
+                raise DataError(
+                    f"audit record {rec.request_id}: image has {len(rec.image)} bytes, expected {IMAGE_BYTES} "
+                    f"(the {IMAGE_SIZE}x{IMAGE_SIZE} uint8 model input, row-major) or None"
+                )
+            row = {c: getattr(rec, c) for c in COLUMNS}
+            row["image"] = bytes(rec.image) if rec.image is not None else None
+            rows.append(row)
+        try:
+            with self._engine().begin() as conn:
+                conn.execute(predictions.insert(), rows)
+        except IntegrityError as e:
+            raise DataError(
+                f"audit database {self.display_url}: a request_id is already in the log "
+                f"({str(e.orig).splitlines()[0]}); request ids must be unique (uuid4 hex)"
+            ) from None
+        except SQLAlchemyError as e:
+            raise self._error(e, "record predictions") from None
+
+    def feedback(self, request_id: str, true_label: str) -> AuditRecord | None:
+        """Set the true label of a prediction (a second call overwrites); None if the id is unknown."""
+        where = predictions.c.request_id == request_id
+        try:
+            with self._engine().begin() as conn:
+                # The write comes first, so a SQLite transaction takes the write lock at once (a read-then-write
+                # transaction could fail with SQLITE_BUSY_SNAPSHOT instead of waiting).
+                done = conn.execute(predictions.update().where(where).values(true_label=true_label,
+                                                                              feedback_time=time.time()))
+                if done.rowcount == 0:
+                    return None
+                row = conn.execute(sa.select(predictions).where(where)).mappings().one()
+        except SQLAlchemyError as e:
+            raise self._error(e, "store feedback") from None
+        return _record(row)
+
+    # ------------------------------------------------------------------------------------------ reads
+    def get(self, request_id: str) -> AuditRecord | None:
+        try:
+            with self._engine().connect() as conn:
+                row = conn.execute(sa.select(predictions).where(predictions.c.request_id == request_id))
+                found = row.mappings().one_or_none()
+        except SQLAlchemyError as e:
+            raise self._error(e, "read") from None
+        return _record(found) if found is not None else None
+
+    def labelled_accuracy(self) -> tuple[int, int]:
+        """(labelled predictions that gave a digit, how many of them were right)."""
+        p = predictions.c
+        query = sa.select(
+            sa.func.count(),
+            sa.func.coalesce(sa.func.sum(sa.case((p.digit == p.true_label, 1), else_=0)), 0),
+        ).where(p.true_label.is_not(None), p.digit.is_not(None))
+        try:
+            with self._engine().connect() as conn:
+                n, correct = conn.execute(query).one()
+        except SQLAlchemyError as e:
+            raise self._error(e, "read") from None
+        return int(n), int(correct)
+
+    def stats(self, since: float | None = None) -> dict[str, Any]:
+        """Totals, per route and class, rejections, confidence, latency percentiles, cache, labels, versions.
+
+        Mean confidence is over answered predictions (those with a digit). Latency percentiles use the nearest-rank
+        method over all predictions. `since` (unix seconds) keeps predictions at or after it.
+        """
+        p = predictions.c
+        cond = p.time >= since if since is not None else sa.true()
+
+        def grouped(conn: sa.Connection, column: Any, *extra: Any) -> dict[str, int]:
+            query = sa.select(column, sa.func.count()).where(cond, *extra).group_by(column).order_by(column)
+            return {str(k): int(n) for k, n in conn.execute(query)}
+
+        try:
+            with self._engine().connect() as conn:
+                total, first, last, rejected, cache_hits, labelled = conn.execute(
+                    sa.select(
+                        sa.func.count(), sa.func.min(p.time), sa.func.max(p.time),
+                        sa.func.count(p.rejected),
+                        sa.func.coalesce(sa.func.sum(sa.case((p.cached, 1), else_=0)), 0),
+                        sa.func.count(p.true_label),
+                    ).where(cond)
+                ).one()  # fmt: skip
+                answered, mean_conf, labelled_answered, correct = conn.execute(
+                    sa.select(
+                        sa.func.count(), sa.func.avg(p.confidence),
+                        sa.func.count(p.true_label),
+                        sa.func.coalesce(sa.func.sum(sa.case((p.digit == p.true_label, 1), else_=0)), 0),
+                    ).where(cond, p.digit.is_not(None))
+                ).one()  # fmt: skip
+                latency = {f"p{q}": self._percentile(conn, cond, total, q) for q in (50, 95, 99)}
+                mean_latency = conn.execute(sa.select(sa.func.avg(p.latency_ms)).where(cond)).scalar()
+                per_route = grouped(conn, p.route)
+                per_class = grouped(conn, p.digit, p.digit.is_not(None))
+                reasons = grouped(conn, p.rejected, p.rejected.is_not(None))
+                versions = grouped(conn, p.model_version)
+        except SQLAlchemyError as e:
+            raise self._error(e, "read statistics") from None
+        total, labelled_answered, correct = int(total), int(labelled_answered), int(correct)
+        return {
+            "database": self.display_url,
+            "since": since,
+            "total": total,
+            "first_time": first,
+            "last_time": last,
+            "per_route": per_route,
+            "per_class": per_class,
+            "answered": int(answered),
+            "rejected": int(rejected),
+            "rejection_rate": int(rejected) / total if total else None,
+            "rejections": reasons,
+            "mean_confidence": float(mean_conf) if mean_conf is not None else None,
+            "latency_ms": {**latency, "mean": float(mean_latency) if mean_latency is not None else None},
+            "cache_hits": int(cache_hits),
+            "cache_hit_rate": int(cache_hits) / total if total else None,
+            "labelled": int(labelled),
+            "labelled_answered": labelled_answered,
+            "labelled_correct": correct,
+            "labelled_accuracy": correct / labelled_answered if labelled_answered else None,
+            "model_versions": versions,
+        }
+
+    @staticmethod
+    def _percentile(conn: sa.Connection, cond: Any, n: int, q: float) -> float | None:
+        # Nearest rank, computed by the database (ORDER BY ... OFFSET), so nothing is loaded into memory and
+        # SQLite (which has no percentile function) and PostgreSQL give the same number.
+        if n == 0:
+            return None
+        rank = max(math.ceil(q / 100 * n), 1) - 1
+        col = predictions.c.latency_ms
+        return float(conn.execute(sa.select(col).where(cond).order_by(col).offset(rank).limit(1)).scalar_one())
+
+    def _rows(self, columns: list[str], where: Any = None) -> typing.Iterator[sa.RowMapping]:
+        """Rows in time order, fetched in chunks (a server-side cursor on PostgreSQL)."""
+        query = sa.select(*(predictions.c[c] for c in columns)).order_by(predictions.c.time, predictions.c.request_id)
+        if where is not None:
+            query = query.where(where)
+        try:
+            with self._engine().connect() as conn:
+                result = conn.execution_options(stream_results=True, yield_per=1000).execute(query)
+                yield from result.mappings()
+        except SQLAlchemyError as e:
+            raise self._error(e, "read") from None
+
+    def export(self, out: typing.IO[str], fmt: str, labelled_only: bool = False) -> int:
+        """Stream every prediction (or only labelled ones) in time order as CSV or JSON lines; returns the count.
+
+        CSV: every column but the image. JSON lines: every column, the image as base64 under `image_b64`.
+        """
+        if fmt not in EXPORT_FORMATS:
+            raise ConfigError(f"audit export format {fmt!r}: expected one of {', '.join(EXPORT_FORMATS)} (or idx)")
+        where = predictions.c.true_label.is_not(None) if labelled_only else None
+        n = 0
+        if fmt == "csv":
+            writer = csv.writer(out, lineterminator="\n")
+            writer.writerow(TEXT_COLUMNS)
+            for row in self._rows(TEXT_COLUMNS, where):
+                writer.writerow(["" if row[c] is None else _csv_value(row[c]) for c in TEXT_COLUMNS])
+                n += 1
+        else:
+            for row in self._rows(COLUMNS, where):
+                obj = {c: row[c] for c in TEXT_COLUMNS}
+                obj["cached"] = bool(obj["cached"])
+                obj["image_b64"] = base64.b64encode(row["image"]).decode() if row["image"] is not None else None
+                out.write(json.dumps(obj) + "\n")
+                n += 1
+        return n
+
+    def export_idx(self, out_dir: Path, labelled_only: bool = True, classes: list[str] | None = None) -> dict[str, int]:
+        """Write the labelled field images as an MNIST-style IDX training set; returns the count per class.
+
+        Files: train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, classes.txt, SHA256SUMS.raw (what
+        `digitkit train --extra-data DIR` reads) and request_ids.txt (the audit row behind each image, in order).
+        Rejected predictions count too when labelled: they are the inputs the model found hardest. With
+        `labelled_only=False`, unlabelled answered predictions are added with the model's own answer as the label
+        (pseudo-labels: they can only reinforce what the model already believes). `classes` defaults to "0".."9"
+        when every label is a digit, else the sorted labels.
+        """
+        from digitkit import data
+
+        p = predictions.c
+        has_label = p.true_label.is_not(None) if labelled_only else sa.or_(p.true_label.is_not(None),
+                                                                          p.digit.is_not(None))  # fmt: skip
+        where = sa.and_(p.image.is_not(None), has_label)
+        try:
+            with self._engine().connect() as conn:
+                n = int(conn.execute(sa.select(sa.func.count()).where(where)).scalar_one())
+        except SQLAlchemyError as e:
+            raise self._error(e, "read") from None
+        if n == 0:
+            raise DataError(
+                f"audit database {self.display_url}: no {'labelled ' if labelled_only else ''}predictions with an "
+                "image to export; labels come from POST /v1/feedback {request_id, true_label}"
+            )
+        images = np.empty((n, IMAGE_SIZE, IMAGE_SIZE), np.uint8)
+        names: list[str] = []
+        ids: list[str] = []
+        with contextlib.closing(self._rows(["request_id", "image", "true_label", "digit"], where)) as rows:
+            for i, row in enumerate(rows):
+                if i >= n:  # rows recorded after the count was taken
+                    break
+                images[i] = np.frombuffer(row["image"], np.uint8).reshape(IMAGE_SIZE, IMAGE_SIZE)
+                names.append(row["true_label"] if row["true_label"] is not None else row["digit"])
+                ids.append(row["request_id"])
+        images = images[: len(names)]
+        if classes is None:
+            digits = [str(d) for d in range(10)]
+            classes = digits if set(names) <= set(digits) else sorted(set(names))
+        unknown = sorted(set(names) - set(classes))
+        if unknown:
+            raise DataError(
+                f"audit database {self.display_url}: label {unknown[0]!r} is not one of the classes "
+                f"({', '.join(classes)}); correct the feedback or pass the model's classes"
+            )
+        index = {c: i for i, c in enumerate(classes)}
+        labels = np.array([index[name] for name in names], np.int64)
+        import torch
+
+        out_dir = Path(out_dir)
+        ds = data.Dataset(torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels), list(classes), str(out_dir))
+        data.save_split(ds, out_dir, "train")
+        (out_dir / data.CLASSES_FILE).write_text("\n".join(classes) + "\n")
+        (out_dir / "request_ids.txt").write_text("".join(f"{i}\n" for i in ids))
+        data.write_sums(out_dir)
+        return {c: k for c, k in zip(classes, ds.class_counts(), strict=True) if k}
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    # Wait for another writer (thread or worker process) instead of failing with "database is locked".
+    cur.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+    # WAL: readers never block the writer and one writer never blocks readers; several processes can share it.
+    cur.execute("PRAGMA journal_mode = WAL")
+    # NORMAL in WAL mode: a commit is written to the WAL file (the OS page cache) before it returns, but fsync
+    # happens only at checkpoints. A killed process (SIGKILL, crash, OOM) loses nothing, since the kernel still
+    # holds and writes the pages; only a power loss or kernel crash can roll back the last commits (FULL would
+    # fsync every commit to survive that too, at a few milliseconds per request).
+    cur.execute("PRAGMA synchronous = NORMAL")
+    cur.close()
+
+
+def _csv_value(value: Any) -> Any:
+    return int(value) if isinstance(value, bool) else value
+
+
+def _record(row: sa.RowMapping) -> AuditRecord:
+    values = {c: row[c] for c in COLUMNS}
+    values["cached"] = bool(values["cached"])
+    if values["image"] is not None:
+        values["image"] = bytes(values["image"])
+    return AuditRecord(**values)
