@@ -201,8 +201,8 @@ def create_app(settings: ServeSettings) -> FastAPI:
         """Predict one digit. Send a multipart `file`, a raw image body, or JSON with `image` or `pixels`."""
         body, inputs = await _inputs(request, schemas.PredictIn, limits, single=True)
         svc = service()
-        result = await work(svc.predict, inputs, "predict", _client(request), body.top_k, body.return_input,
-                            strict=True)  # fmt: skip
+        route = "preview" if body.preview else "predict"
+        result = await work(svc.predict, inputs, route, _client(request), body.top_k, body.return_input, strict=True)
         return JSONResponse(result[0])
 
     @app.post("/v1/predict/batch", response_model=schemas.BatchOut, responses=ERRORS,

@@ -91,13 +91,14 @@ class DriftMonitor:
     def __init__(self, baseline: Baseline, settings: DriftSettings) -> None:
         self.baseline = baseline
         self.settings = settings
-        self._window: deque[tuple[str | None, float, float]] = deque(maxlen=settings.window)
+        self._window: deque[tuple[str | None, float, float | None]] = deque(maxlen=settings.window)
         self._lock = threading.Lock()
         self._since_check = 0
         self.values: dict[str, float] = dict.fromkeys(SIGNALS, 0.0)
         self.alerts: dict[str, bool] = dict.fromkeys(SIGNALS, False)
 
-    def observe(self, digit: str | None, confidence: float, latency_ms: float) -> None:
+    def observe(self, digit: str | None, confidence: float, latency_ms: float | None) -> None:
+        """One answer; `latency_ms` None when it says nothing about the model (a cache hit)."""
         with self._lock:
             self._window.append((digit, confidence, latency_ms))
             self._since_check += 1
@@ -112,6 +113,7 @@ class DriftMonitor:
     def _stats(self) -> dict[str, Any]:
         rows = list(self._window)
         answered = [(d, c) for d, c, _ in rows if d is not None]
+        latencies = [t for _, _, t in rows if t is not None]
         n = max(len(answered), 1)
         dist = {c: 0.0 for c in self.baseline.class_distribution}
         for d, _ in answered:
@@ -121,7 +123,7 @@ class DriftMonitor:
             "class_distribution": dist,
             "mean_confidence": sum(c for _, c in answered) / n if answered else 0.0,
             "rejection_rate": 1 - len(answered) / len(rows) if rows else 0.0,
-            "median_latency_ms": statistics.median(r[2] for r in rows) if rows else 0.0,
+            "median_latency_ms": statistics.median(latencies) if latencies else 0.0,
         }
 
     def _check(self) -> None:

@@ -25,6 +25,8 @@ class ImageIn(BaseModel):
 class PredictIn(ImageIn):
     top_k: int = Field(3, ge=1, le=100, description="how many most likely digits to list")
     return_input: bool = Field(False, description="include the 28x28 image the model saw, as base64 PNG")
+    preview: bool = Field(False, description="a live preview of an unfinished drawing: answered and audited "
+                          "(route `preview`) but kept out of the drift statistics")  # fmt: skip
 
 
 class BatchIn(BaseModel):
@@ -63,7 +65,8 @@ class Prediction(BaseModel):
     model_version: str
     digit: str | None = Field(..., description="null when rejected")
     confidence: float
-    probabilities: list[float]
+    probabilities: list[float] = Field(..., description="one per class; empty when the image was rejected "
+                                       "before the model ran (unreadable, empty, no-ink)")
     rejected: str | None = Field(..., description="null, or unreadable, empty, no-ink, not-a-digit, low-confidence")
     predicted: str | None = Field(None, description="the model's top class, even when rejected for low confidence")
     top_k: list[TopK]
