@@ -510,3 +510,33 @@ def test_settings_are_strict():
             settings.from_dict(raw)
     with pytest.raises(ConfigError, match="at least 8"):
         settings.from_dict({"api_key": "short"})
+
+
+def test_server_with_a_postgresql_audit_log(mnist_small_run, tmp_path, postgres_url, digits):
+    """`--audit-db postgresql://...`: answers, feedback and the admin export all go through PostgreSQL."""
+    import uuid
+
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    from digitkit.serve.audit import AuditLog
+
+    name = f"serve_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = make_url(postgres_url).set(database=name).render_as_string(hide_password=False)
+    try:
+        with serve(mnist_small_run, tmp_path, "--audit-db", url, env={"DIGITKIT_ADMIN_TOKEN": ADMIN}) as srv, \
+                srv.client() as c:  # fmt: skip
+            ids = [c.post("/v1/predict", json={"pixels": image.tolist()}).json()["request_id"] for _, image in digits]
+            assert c.post("/v1/feedback", json={"request_id": ids[7], "true_label": "7"}).json()["correct"]
+            export = c.get("/v1/admin/audit/export", params={"format": "jsonl"}, headers=ADMIN_H).text.splitlines()
+            assert {json.loads(line)["request_id"] for line in export} == set(ids)
+        log = AuditLog(url)
+        try:
+            assert all(log.get(i) is not None for i in ids) and log.get(ids[7]).true_label == "7"
+        finally:
+            log.close()
+    finally:
+        with psycopg.connect(postgres_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
