@@ -519,6 +519,8 @@ def build_parser() -> argparse.ArgumentParser:
     aue.add_argument("--out", metavar="FILE_OR_DIR", help="output file (csv, jsonl; default or '-': stdout) or "
                      "folder (idx, required)")  # fmt: skip
     aue.set_defaults(func=cmd_audit_export)
+    # --- export parser (anchor: owned by the export work)
+    # --- compression and card parser (anchor: owned by the compression work)
     return p
 
 
@@ -965,6 +967,12 @@ def cmd_audit_export(args: argparse.Namespace) -> int:
     finally:
         log.close()
     return 0
+
+
+# --- export commands (anchor: owned by the export work)
+
+
+# --- compression and card commands (anchor: owned by the compression work)
 
 
 def _positive(text: str) -> int:
