@@ -69,6 +69,23 @@ def _body_doc(model: type[BaseModel], multipart_files: bool = False) -> dict[str
     return {"requestBody": {"required": True, "content": content}}
 
 
+def _publish_body_models(app: FastAPI, models: tuple[type[BaseModel], ...]) -> None:
+    """Define the body models `_body_doc` refers to in /openapi.json's components: the routes read their bodies by
+    hand, so FastAPI never sees these models and would publish dangling $refs."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            components = build().setdefault("components", {}).setdefault("schemas", {})
+            for model in models:
+                schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(schema.pop("$defs", {}))
+                components[model.__name__] = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 # ------------------------------------------------------------------------------------------ middleware
 class BodyLimit:
     """Refuse request bodies over `limit` bytes with a 413, by Content-Length or while they stream in."""
@@ -168,6 +185,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
     app.add_middleware(RequestMetrics, state=app.state)
     app.add_middleware(BodyLimit, limit=settings.limits.max_request_bytes)
     _add_error_handlers(app)
+    _publish_body_models(app, (schemas.PredictIn, schemas.BatchIn, schemas.ReadIn, schemas.ExplainIn))
     limits = settings.limits
 
     def service() -> Service:
