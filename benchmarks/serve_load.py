@@ -1,0 +1,353 @@
+"""REST serving under a bounded load: latency and throughput in-process and over HTTP on 127.0.0.1.
+
+In-process (the issue's aim: single-image p50 < 2 ms, p99 < 10 ms on 2 cores, zero errors): requests go through the
+whole ASGI app (routing, body parsing, auth, the service, the audit-log commit, metrics) with httpx.ASGITransport,
+one at a time, no network; and straight to `Service.predict` (no HTTP at all). Over HTTP: `digitkit serve` in a
+subprocess on a free port, driven by 1 and 4 concurrent clients (threads with keep-alive connections) sending a
+fixed number of requests each scenario, stopped early at --time-limit seconds.
+
+Forms: a 28x28 PNG digit from the MNIST test set as the raw body, the same digit as JSON `pixels`, and JSON
+batches of 32 and 256 base64 PNGs. Every request is a different test image and the answer cache is off
+(cache_size 0), so each figure is of computed answers; the audit log is a fresh SQLite file. Latency figures are
+the median over --repeats repeats of each repeat's percentile; the machine is shared, so compare within one run.
+
+    python benchmarks/serve_load.py [--model runs/latest] [--requests 400] [--repeats 3] [--time-limit 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import torch
+from PIL import Image
+
+from digitkit import data
+
+ROOT = Path(__file__).resolve().parents[1]
+API_KEY = "serve-load-benchmark-key"
+FORMS = {"png": 1, "pixels": 1, "batch32": 32, "batch256": 256}
+"""Request form -> images per request."""
+
+
+# ------------------------------------------------------------------------------------------ requests
+def test_digits(n: int) -> list[np.ndarray]:
+    ds = data.load_split(ROOT / "data" / "mnist", "test")
+    return [ds.images[i, 0].numpy() for i in range(min(n, len(ds)))]
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class Requests:
+    """The i-th request of each form, as httpx keyword arguments (every request a different test image)."""
+
+    def __init__(self, images: list[np.ndarray]) -> None:
+        self.images = images
+        self.pngs = [png_bytes(x) for x in images]
+        self.b64 = [base64.b64encode(p).decode() for p in self.pngs]
+
+    def kwargs(self, form: str, i: int) -> tuple[str, dict[str, Any]]:
+        n = len(self.images)
+        if form == "png":
+            return "/v1/predict", {"content": self.pngs[i % n], "headers": {"Content-Type": "image/png"}}
+        if form == "pixels":
+            return "/v1/predict", {"json": {"pixels": self.images[i % n].tolist()}}
+        size = FORMS[form]
+        return "/v1/predict/batch", {"json": {"images": [{"image": self.b64[(i * size + k) % n]}
+                                                         for k in range(size)]}}  # fmt: skip
+
+
+def summary(latencies_s: list[float], wall_s: float, images_per_request: int, errors: int) -> dict[str, Any]:
+    ms = np.asarray(latencies_s) * 1000
+    done = len(latencies_s)
+    return {"requests": done + errors, "ok": done, "errors": errors, "wall_s": round(wall_s, 3),
+            "requests_per_s": round(done / wall_s, 1) if wall_s else None,
+            "images_per_s": round(done * images_per_request / wall_s, 1) if wall_s else None,
+            "p50_ms": round(float(np.percentile(ms, 50)), 3) if done else None,
+            "p95_ms": round(float(np.percentile(ms, 95)), 3) if done else None,
+            "p99_ms": round(float(np.percentile(ms, 99)), 3) if done else None}  # fmt: skip
+
+
+def median_of(repeats: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each figure's median over repeats; counts are summed."""
+    out: dict[str, Any] = {"repeats": len(repeats)}
+    for key in repeats[0]:
+        values = [r[key] for r in repeats if r[key] is not None]
+        if key in ("requests", "ok", "errors"):
+            out[key] = sum(values)
+        else:
+            out[key] = round(statistics.median(values), 3) if values else None
+    return out
+
+
+def count_for(form: str, requests: int) -> int:
+    """Requests per repeat: --requests single images, and about as many images in batches (at least 4)."""
+    return max(4, requests // FORMS[form]) if FORMS[form] > 1 else requests
+
+
+# ------------------------------------------------------------------------------------------ in-process
+def in_process(model: str, reqs: Requests, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    from digitkit.serve.app import create_app
+    from digitkit.serve.service import Input
+    from digitkit.serve.settings import from_dict
+
+    settings = from_dict({"model": model, "cache_size": 0, "audit_db": f"sqlite:///{tmp / 'inproc.db'}",
+                          "api_key": API_KEY, "log_level": "warning"})  # fmt: skip
+    app = create_app(settings)
+    results: dict[str, Any] = {}
+
+    async def run() -> None:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://bench",
+                                         headers={"X-API-Key": API_KEY}) as client:  # fmt: skip
+                for form in FORMS:
+                    n = count_for(form, args.requests)
+                    for i in range(min(20, n)):  # warm-up: first calls pay for lazy imports and allocations
+                        route, kw = reqs.kwargs(form, 10_000 + i)
+                        await client.post(route, **kw)
+                    repeats = []
+                    for rep in range(args.repeats):
+                        lat, errors, t_start = [], 0, time.perf_counter()
+                        for i in range(n):
+                            route, kw = reqs.kwargs(form, rep * n + i)
+                            t0 = time.perf_counter()
+                            r = await client.post(route, **kw)
+                            if r.status_code == 200:
+                                lat.append(time.perf_counter() - t0)
+                            else:
+                                errors += 1
+                            if time.perf_counter() - t_start > args.time_limit:
+                                break
+                        repeats.append(summary(lat, time.perf_counter() - t_start, FORMS[form], errors))
+                    results[f"asgi/{form}"] = median_of(repeats)
+                # The floor: httpx client + ASGI app + middleware on a route that does nothing.
+                repeats = []
+                for _ in range(args.repeats):
+                    lat, t_start = [], time.perf_counter()
+                    for _ in range(args.requests):
+                        t0 = time.perf_counter()
+                        await client.get("/healthz")
+                        lat.append(time.perf_counter() - t0)
+                    repeats.append(summary(lat, time.perf_counter() - t_start, 0, 0))
+                results["asgi/healthz"] = median_of(repeats)
+            # The service alone: preprocess, model, rejection rules, audit commit; no HTTP.
+            svc = app.state.service
+            repeats = []
+            for rep in range(args.repeats):
+                lat, t_start = [], time.perf_counter()
+                for i in range(args.requests):
+                    item = Input(reqs.pngs[(rep * args.requests + i) % len(reqs.pngs)], "png")
+                    t0 = time.perf_counter()
+                    svc.predict([item], "predict", "bench", strict=True)
+                    lat.append(time.perf_counter() - t0)
+                    if time.perf_counter() - t_start > args.time_limit:
+                        break
+                repeats.append(summary(lat, time.perf_counter() - t_start, 1, 0))
+            results["service/png"] = median_of(repeats)
+            results["stages_p50_ms"] = stages(svc, reqs, args.requests)
+
+    asyncio.run(run())
+    return results
+
+
+def stages(svc: Any, reqs: Requests, n: int) -> dict[str, float]:
+    """Median milliseconds of each stage of one PNG answer, called on its own."""
+    from digitkit.preprocess import preprocess
+    from digitkit.serve.audit import AuditRecord
+
+    rec = svc.loaded.recognizer
+    pngs = reqs.pngs[:n]
+    pres = [preprocess(p, rec.preprocess_cfg) for p in pngs]
+
+    def timed(fn: Any, items: list[Any]) -> float:
+        times = []
+        for item in items:
+            t0 = time.perf_counter()
+            fn(item)
+            times.append(time.perf_counter() - t0)
+        return round(statistics.median(times) * 1000, 3)
+
+    image = bytes(784)
+    return {
+        "preprocess": timed(lambda p: preprocess(p, rec.preprocess_cfg), pngs),
+        "model_and_rules": timed(lambda pre: rec.answers([pre], len(rec.classes)), pres),
+        "audit_commit": timed(lambda i: svc.audit.record([AuditRecord(
+            request_id=f"stage-{time.time_ns()}-{i}", time=time.time(), route="bench", input_sha256="0" * 64,
+            model_version="bench", digit="0", confidence=1.0, rejected=None, latency_ms=0.0, client="bench",
+            image=image)]), list(range(n))),
+    }  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------ over HTTP
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model: str, tmp: Path, workers: int) -> tuple[subprocess.Popen, str, Path]:
+    port = free_port()
+    log_path = tmp / f"server-{port}.log"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DIGITKIT_API_KEY": API_KEY}
+    cmd = [sys.executable, "-m", "digitkit", "serve", "--model", model, "--host", "127.0.0.1", "--port", str(port),
+           "--workers", str(workers), "--cache-size", "0", "--audit-db", f"sqlite:///{tmp / 'http.db'}",
+           "--log-level", "warning"]  # fmt: skip
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited with {proc.returncode}:\n{log_path.read_text()}")
+        try:
+            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                return proc, url, log_path
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise SystemExit(f"the server was not ready after 120 s:\n{log_path.read_text()}")
+
+
+def load(url: str, reqs: Requests, form: str, n: int, clients: int, offset: int, time_limit: float) -> dict:
+    """n requests of one form from `clients` threads (a shared counter hands out the next request)."""
+    lock = threading.Lock()
+    state = {"next": 0, "errors": 0}
+    lat: list[float] = []
+    deadline = time.perf_counter() + time_limit
+
+    def client() -> None:
+        with httpx.Client(base_url=url, headers={"X-API-Key": API_KEY}, timeout=60) as c:
+            while time.perf_counter() < deadline:
+                with lock:
+                    i = state["next"]
+                    state["next"] += 1
+                if i >= n:
+                    return
+                route, kw = reqs.kwargs(form, offset + i)
+                t0 = time.perf_counter()
+                try:
+                    ok = c.post(route, **kw).status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                elapsed = time.perf_counter() - t0
+                with lock:
+                    if ok:
+                        lat.append(elapsed)
+                    else:
+                        state["errors"] += 1
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    t_start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return summary(lat, time.perf_counter() - t_start, FORMS[form], state["errors"])
+
+
+def over_http(model: str, reqs: Requests, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    proc, url, log_path = start_server(model, tmp, args.workers)
+    results: dict[str, Any] = {}
+    try:
+        for form in FORMS:
+            n = count_for(form, args.requests)
+            load(url, reqs, form, min(20, n), 1, 10_000, args.time_limit)  # warm-up
+            for clients in args.clients:
+                repeats = [load(url, reqs, form, n, clients, rep * n, args.time_limit) for rep in range(args.repeats)]
+                results[f"http/{form}/c{clients}"] = median_of(repeats)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    if "Traceback" in log_path.read_text(errors="replace"):
+        print(f"warning: the server logged a traceback; see {log_path}", file=sys.stderr)
+    return results
+
+
+# ------------------------------------------------------------------------------------------ main
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=str(ROOT / "runs" / "latest"), help="run folder or checkpoint")
+    p.add_argument("--requests", type=int, default=400, help="single-image requests per scenario and repeat")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--workers", type=int, default=1, help="server processes for the HTTP runs")
+    p.add_argument("--time-limit", type=float, default=20.0, help="seconds per scenario and repeat, at most")
+    p.add_argument("--skip-http", action="store_true")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve_load.json"))
+    args = p.parse_args()
+
+    torch.set_num_threads(1)
+    reqs = Requests(test_digits(2000))
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
+        results = in_process(args.model, reqs, args, Path(tmp))
+        if not args.skip_http:
+            results.update(over_http(args.model, reqs, args, Path(tmp)))
+
+    print(f"{'scenario':22s} {'req':>6s} {'err':>4s} {'req/s':>8s} {'img/s':>9s} {'p50 ms':>8s} {'p95 ms':>8s} "
+          f"{'p99 ms':>8s}")  # fmt: skip
+    stage_ms = results.pop("stages_p50_ms")
+    for name, r in results.items():
+        print(f"{name:22s} {r['requests']:>6d} {r['errors']:>4d} {r['requests_per_s']:>8,.1f} "
+              f"{r['images_per_s']:>9,.0f} {r['p50_ms']:>8.2f} {r['p95_ms']:>8.2f} {r['p99_ms']:>8.2f}")  # fmt: skip
+    print("one PNG answer, p50 by stage: " + ", ".join(f"{k} {v:.2f} ms" for k, v in stage_ms.items()))
+    single, errors = results["asgi/png"], sum(r["errors"] for r in results.values())
+    aim = {"single_image_p50_ms": single["p50_ms"], "single_image_p99_ms": single["p99_ms"], "errors": errors,
+           "met": single["p50_ms"] < 2 and single["p99_ms"] < 10 and errors == 0}  # fmt: skip
+    print(f"aim (in-process single PNG p50 < 2 ms, p99 < 10 ms, zero errors): p50 {single['p50_ms']:.2f} ms, "
+          f"p99 {single['p99_ms']:.2f} ms, {errors} errors -> {'met' if aim['met'] else 'NOT met'}")
+    result = {
+        "benchmark": "serve_load",
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "command": " ".join(["python", *sys.argv]),
+        "model": str(Path(args.model).resolve()),
+        "requests": args.requests,
+        "repeats": args.repeats,
+        "clients": args.clients,
+        "workers": args.workers,
+        "time_limit_s": args.time_limit,
+        "statistic": "median over repeats of each repeat's figure (counts summed)",
+        "cache": "off (cache_size 0): every answer computed",
+        "aim": aim,
+        "stages_p50_ms": stage_ms,
+        "total_seconds": round(time.perf_counter() - started, 1),
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "results": results,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
