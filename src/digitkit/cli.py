@@ -521,6 +521,49 @@ def build_parser() -> argparse.ArgumentParser:
     aue.set_defaults(func=cmd_audit_export)
     # --- export parser (anchor: owned by the export work)
     # --- compression and card parser (anchor: owned by the compression work)
+    pn = sub.add_parser("prune", help="prune a run (magnitude or channels), fine-tune it; accuracy against sparsity",
+                        epilog="example: digitkit prune runs/latest --sparsity 0.5,0.7,0.9  (each pruned model is a "
+                        "normal run folder under --out: evaluate, predict, serve and export work on it)")  # fmt: skip
+    pn.add_argument("run", metavar="RUN", help="run folder or checkpoint to prune")
+    pn.add_argument("--sparsity", required=True, help="fraction(s) to prune, comma-separated: 0.5 or 0.5,0.7,0.9")
+    pn.add_argument("--structured", action="store_true",
+                    help="remove that share of each conv layer's filters (a narrower, faster model; cnn1/2/3 and "
+                    "cnn3_slim) instead of zeroing the smallest weights of the whole model")  # fmt: skip
+    pn.add_argument("--finetune-epochs", type=_positive, default=2, help="fine-tuning epochs (default 2)")
+    pn.add_argument("--lr-scale", type=float, default=0.1, help="fine-tuning lr = the run's train.lr times this "
+                    "(default 0.1)")  # fmt: skip
+    pn.add_argument("--data-dir", help="folder with the IDX files (default: the run's data.dir)")
+    pn.add_argument("--out", help="folder for the pruned runs and prune.json/md/png "
+                    "(default runs/<time>-prune-<model>)")
+    pn.add_argument("--runs-root", default="runs", help=argparse.SUPPRESS)
+    pn.add_argument("--quiet", action="store_true")
+    pn.add_argument("--progress", action="store_true", help="progress bars even when not on a terminal")
+    pn.add_argument("--json", action="store_true")
+    pn.set_defaults(func=cmd_prune)
+
+    ds = sub.add_parser("distill", help="train a small student from a teacher run or an ensemble (soft targets)",
+                        epilog="example: digitkit distill --teacher runs/latest --student cnn1 --temperature 4")
+    ds.add_argument("--teacher", nargs="+", required=True, metavar="RUN",
+                    help="teacher run(s); several answer as an ensemble (mean of their softened probabilities)")
+    ds.add_argument("--student", help="registered model to train (`digitkit models`); default: the config's model")
+    ds.add_argument("--config", help="student recipe (default: the first teacher's config with the student model)")
+    ds.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. train.epochs=4")
+    ds.add_argument("--temperature", type=float, default=4.0, help="softmax temperature T (default 4)")
+    ds.add_argument("--alpha", type=float, default=0.7,
+                    help="weight of the teacher term; 1 - alpha goes to the labels (default 0.7; 0 = no teacher)")
+    ds.add_argument("--data-dir", help="folder with the IDX files (default: the config's data.dir)")
+    ds.add_argument("--out", help="run folder (default runs/<time>-<student>)")
+    ds.add_argument("--runs-root", default="runs", help=argparse.SUPPRESS)
+    ds.add_argument("--quiet", action="store_true")
+    ds.add_argument("--progress", action="store_true")
+    ds.add_argument("--json", action="store_true")
+    ds.set_defaults(func=cmd_distill)
+
+    cd = sub.add_parser("card", help="write MODEL_CARD.md for a run (use, data, metrics, limitations, config)",
+                        epilog="run `digitkit evaluate RUN` first for per-class, robustness and calibration figures")
+    cd.add_argument("run", metavar="RUN", help="run folder or checkpoint file")
+    cd.add_argument("--out", help="file to write (default RUN/MODEL_CARD.md)")
+    cd.set_defaults(func=cmd_card)
     return p
 
 
@@ -973,6 +1016,68 @@ def cmd_audit_export(args: argparse.Namespace) -> int:
 
 
 # --- compression and card commands (anchor: owned by the compression work)
+def cmd_prune(args: argparse.Namespace) -> int:
+    import time
+
+    from digitkit import compress, plots, runs
+    from digitkit.idx import atomic_write_bytes
+
+    sparsities = compress.parse_sparsities(args.sparsity)
+    opened = runs.open_model(args.run)
+    out = Path(args.out) if args.out else Path(args.runs_root) / (
+        f"{time.strftime('%Y%m%d-%H%M%S')}-prune-{opened.cfg.model.name}")  # fmt: skip
+    result = compress.prune_sweep(args.run, sparsities, out, structured=args.structured,
+                                  finetune_epochs=args.finetune_epochs, lr_scale=args.lr_scale,
+                                  data_dir=args.data_dir, reporter_factory=_reporter_factory(args))  # fmt: skip
+    atomic_write_bytes(out / "prune.json", (json.dumps(result, indent=2) + "\n").encode())
+    md = compress.prune_markdown(result)
+    atomic_write_bytes(out / "prune.md", md.encode())
+    plots.save_sparsity_curve(result["rows"], out / "prune.png",
+                              source={"val_accuracy": result["source_val_accuracy"],
+                                      "test_accuracy": result["source_test_accuracy"]},
+                              title=f"{opened.cfg.model.name}, {result['method']} pruning")  # fmt: skip
+    if args.json:
+        print(json.dumps({**result, "out": str(out)}))
+        return 0
+    print(md, end="")
+    print(f"wrote {out}/prune.json, prune.md, prune.png and one run folder per sparsity")
+    return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from digitkit import compress, runs
+
+    overrides = list(args.set or []) + ([f"data.dir={args.data_dir}"] if args.data_dir else [])
+    teacher_cfg = runs.open_model(args.teacher[0]).cfg
+    cfg = compress.student_config(teacher_cfg, args.student, args.config, overrides)
+    opts = compress.DistillOptions(temperature=args.temperature, alpha=args.alpha)
+    reporter = _reporter_factory(args)
+    summary = compress.distill_run(args.teacher, cfg, opts, out=Path(args.out) if args.out else None,
+                                   root=Path(args.runs_root), reporter=reporter("distill") if reporter else None)
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    d = summary["distill"]
+
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{100 * x:.2f}%"
+
+    print(f"run            {summary['run_dir']}")
+    print(f"teacher        {', '.join(d['teacher_models'])}: test {pct(d['teacher_test_accuracy'])}, "
+          f"{d['teacher_params']:,} parameters, {d['teacher_checkpoint_bytes']:,} bytes")
+    print(f"student        {summary['model']}: test {pct(d['student_test_accuracy'])}, {d['student_params']:,} "
+          f"parameters, {d['student_checkpoint_bytes']:,} bytes (validation {pct(summary['val_accuracy'])})")
+    print(f"size           student/teacher: {d['params_ratio']:.3f} of the parameters, {d['bytes_ratio']:.3f} of "
+          f"the bytes (T = {d['temperature']:g}, alpha = {d['alpha']:g})")
+    return 0
+
+
+def cmd_card(args: argparse.Namespace) -> int:
+    from digitkit import card
+
+    path = card.write_card(args.run, args.out)
+    print(f"wrote {path}")
+    return 0
 
 
 def _positive(text: str) -> int:

@@ -756,3 +756,40 @@ def save_comparison(
     note = "test accuracy: reported, never used to choose"
     fig.suptitle(f"{title}\n{note}" if title else note)
     return _save_figure(fig, path)
+
+
+def save_sparsity_curve(
+    rows: list[dict[str, float | None]],
+    path: Path,
+    source: dict[str, float | None] | None = None,
+    title: str | None = None,
+) -> Path:
+    """Accuracy against pruning sparsity: each row has ``sparsity`` and ``val_accuracy``, optionally
+    ``test_accuracy`` and ``val_before_finetune`` (fractions in [0, 1]); ``source`` (``val_accuracy``,
+    ``test_accuracy``) is drawn at sparsity 0."""
+    if not rows:
+        raise ValueError("no pruned models to plot; pass one row per sparsity")
+    pts = sorted(rows, key=lambda r: float(r["sparsity"]))
+    fig = Figure(figsize=(6.0, 4.2), layout="constrained")
+    ax = fig.subplots()
+    for key, label, style in (("test_accuracy", "test (reported only)", "o-"), ("val_accuracy", "validation", "s--"),
+                              ("val_before_finetune", "validation before fine-tuning", "x:")):  # fmt: skip
+        xs, ys = [], []
+        if source is not None and source.get(key) is not None:
+            xs.append(0.0)
+            ys.append(100 * float(source[key]))
+        for r in pts:
+            if r.get(key) is not None:
+                xs.append(100 * float(r["sparsity"]))
+                ys.append(100 * float(r[key]))
+        if len(xs) > (1 if source is not None and source.get(key) is not None else 0):
+            ax.plot(xs, ys, style, label=label, markersize=5)
+            for x, y in zip(xs, ys, strict=True):
+                if key == "test_accuracy":
+                    ax.annotate(f"{y:.2f}", (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+    ax.set_xlabel("sparsity (%)")
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    fig.suptitle(title or "accuracy against sparsity")
+    return _save_figure(fig, path)

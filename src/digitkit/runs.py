@@ -26,7 +26,7 @@ from digitkit.errors import ConfigError, DataError
 from digitkit.evaluate import confusion_matrix, loss_and_accuracy, predict_logits
 from digitkit.idx import atomic_write_bytes
 from digitkit.models import count_macs, count_params, create_model
-from digitkit.train import LAST, Reporter, fit, pick_device
+from digitkit.train import LAST, Reporter, StepFn, fit, pick_device
 
 DEFAULT_ROOT = Path("runs")
 
@@ -95,11 +95,13 @@ def train_run(
     stop_after_epochs: int | None = None,
     datasets: tuple[data.Dataset, data.Dataset, data.Dataset | None] | None = None,
     point_latest_link: bool = True,
+    step_fn: StepFn | None = None,
 ) -> dict[str, Any]:
     """Train per `cfg` into a new run folder (or continue `resume`); returns the summary.
 
     `datasets` = (train, val, test) replaces the config's hold-out split (cross-validation folds); a test set of
-    None skips the test evaluation (summary then has no test figures).
+    None skips the test evaluation (summary then has no test figures). `step_fn` replaces fit's optimizer step
+    (distillation).
     """
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -143,7 +145,7 @@ def train_run(
         "img_size": img_size,
         "config": config.to_dict(cfg),
     }
-    state = fit(cfg, model, train_set, val_set, run_dir, meta, reporter, resume_state, stop_after_epochs)
+    state = fit(cfg, model, train_set, val_set, run_dir, meta, reporter, resume_state, stop_after_epochs, step_fn)
     if stop_after_epochs is not None and state.epoch < cfg.train.epochs and not state.stopped_early:
         return {"run_dir": str(run_dir), "epochs": state.epoch, "finished": False}
     return finish_run(cfg, run_dir, state.history, val_set, test_set, time.perf_counter() - started,

@@ -37,6 +37,15 @@ class Reporter(Protocol):
     def epoch_end(self, row: dict[str, float]) -> None: ...
 
 
+class StepFn(Protocol):
+    """One optimizer step on a batch x (B, C, H, W), y (B,): returns (loss, logits), both detached. fit() uses
+    train_step; distillation swaps the loss, pruning re-applies its masks after the step."""
+
+    def __call__(
+        self, model: DigitModel, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
 class SilentReporter:
     def epoch_start(self, epoch: int, epochs: int, batches: int) -> None:
         pass
@@ -108,11 +117,13 @@ def fit(
     reporter: Reporter | None = None,
     resume: dict[str, Any] | None = None,
     stop_after_epochs: int | None = None,
+    step_fn: StepFn | None = None,
 ) -> FitState:
     """Train `model` in place; writes metrics.csv, last.pt and the best checkpoint into `run_dir`.
 
     `meta` describes the model for checkpoints (model, model_args, classes, in_chans, img_size, config).
-    `resume` is a loaded last.pt. `stop_after_epochs` ends this call early (used to test resuming).
+    `resume` is a loaded last.pt. `stop_after_epochs` ends this call early (used to test resuming). `step_fn`
+    replaces the optimizer step (default: train_step with the config's label smoothing).
     """
     t = cfg.train
     reporter = reporter or SilentReporter()
@@ -130,6 +141,12 @@ def fit(
             sched.load_state_dict(resume["scheduler"])
         state = FitState(**resume["fit_state"])
     autocast = _autocast(device, t.amp)
+
+    def plain_step(model: DigitModel, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> Any:
+        return train_step(model, opt, x, y, t.label_smoothing, autocast)
+
+    optimizer_step = step_fn if step_fn is not None else plain_step
+
     epochs_this_call = 0
 
     while state.epoch < t.epochs and not state.stopped_early:
@@ -145,7 +162,7 @@ def fit(
         for step in range(steps_per_epoch):
             idx = perm[step * t.batch_size : (step + 1) * t.batch_size]
             x, y = load_batch(train_set, idx, cfg.augment, g, device, memory_format)
-            loss, logits = train_step(model, opt, x, y, t.label_smoothing, autocast)
+            loss, logits = optimizer_step(model, opt, x, y)
             if sched_every == "batch":
                 sched.step()
             loss_sum += loss * len(y)
