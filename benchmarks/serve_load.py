@@ -6,7 +6,8 @@ one at a time, no network; and straight to `Service.predict` (no HTTP at all). O
 subprocess on a free port, driven by 1 and 4 concurrent clients (threads with keep-alive connections) sending a
 fixed number of requests each scenario, stopped early at --time-limit seconds.
 
-Forms: a 28x28 PNG digit from the MNIST test set as the raw body, the same digit as JSON `pixels`, and JSON
+Forms: a 28x28 PNG digit from the MNIST test set as the raw body, the same digit as JSON `pixels` (preprocessed like
+any image) and as JSON `pixels` with `model_input: true` (already the model's input: preprocessing skipped), and JSON
 batches of 32 and 256 base64 PNGs. Every request is a different test image and the answer cache is off
 (cache_size 0), so each figure is of computed answers; the audit log is a fresh SQLite file. Latency figures are
 the median over --repeats repeats of each repeat's percentile; the machine is shared, so compare within one run.
@@ -42,7 +43,7 @@ from digitkit import data
 
 ROOT = Path(__file__).resolve().parents[1]
 API_KEY = "serve-load-benchmark-key"
-FORMS = {"png": 1, "pixels": 1, "batch32": 32, "batch256": 256}
+FORMS = {"png": 1, "pixels": 1, "model_input": 1, "batch32": 32, "batch256": 256}
 """Request form -> images per request."""
 
 
@@ -72,6 +73,8 @@ class Requests:
             return "/v1/predict", {"content": self.pngs[i % n], "headers": {"Content-Type": "image/png"}}
         if form == "pixels":
             return "/v1/predict", {"json": {"pixels": self.images[i % n].tolist()}}
+        if form == "model_input":  # the digit is already MNIST-format: preprocessing skipped
+            return "/v1/predict", {"json": {"pixels": self.images[i % n].tolist(), "model_input": True}}
         size = FORMS[form]
         return "/v1/predict/batch", {"json": {"images": [{"image": self.b64[(i * size + k) % n]}
                                                          for k in range(size)]}}  # fmt: skip

@@ -194,10 +194,12 @@ def create_app(settings: ServeSettings) -> FastAPI:
             raise ServiceError(503, "not ready", "the model is still loading; retry in a moment (see /readyz)")
         return svc
 
-    def api_key(request: Request) -> None:
+    # Dependencies are async on purpose: FastAPI runs a sync dependency in the thread pool, a hop that costs more
+    # than the check itself.
+    async def api_key(request: Request) -> None:
         _check_secret(request, settings.api_key, "API key", "X-API-Key")
 
-    def admin(request: Request) -> None:
+    async def admin(request: Request) -> None:
         if settings.admin_token is None:
             raise ServiceError(403, "admin routes disabled",
                                "this server has no admin token; restart it with DIGITKIT_ADMIN_TOKEN set "
