@@ -144,15 +144,19 @@ def zero_channels(model: DigitModel, keep: list[torch.Tensor]) -> DigitModel:
     return out
 
 
-def shrink(model: DigitModel, ckpt: dict[str, Any], keep: list[torch.Tensor]) -> tuple[DigitModel, dict[str, Any]]:
-    """Physically remove the filters not in `keep`: returns the narrower model and its model_args."""
-    name, args = ckpt["model"], dict(ckpt["model_args"])
-    pairs = _conv_bn_pairs(model)
+def _check_narrowable(name: str) -> None:
     if "channels" not in model_options(name):
         raise ConfigError(
             f"model {name!r}: structured pruning narrows a model through its `channels` option "
             "(cnn1, cnn2, cnn3, cnn3_slim); use unstructured pruning (drop --structured) for it"
         )
+
+
+def shrink(model: DigitModel, ckpt: dict[str, Any], keep: list[torch.Tensor]) -> tuple[DigitModel, dict[str, Any]]:
+    """Physically remove the filters not in `keep`: returns the narrower model and its model_args."""
+    name, args = ckpt["model"], dict(ckpt["model_args"])
+    pairs = _conv_bn_pairs(model)
+    _check_narrowable(name)
     args["channels"] = [len(k) for k in keep]
     small = create_model(name, num_classes=len(ckpt["classes"]), in_chans=ckpt["in_chans"], img_size=ckpt["img_size"],
                          mean=float(model.mean), std=float(model.std), **args)  # fmt: skip
@@ -223,6 +227,8 @@ def prune_run(
         cfg.data.dir = str(data_dir)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    if opts.structured:
+        _check_narrowable(opened.ckpt["model"])  # before reading any data
     train_set, val_set, test_set = datasets if datasets is not None else runs.load_data(cfg)
     _check_data(opened.ckpt, train_set, str(source))
     model = opened.model
@@ -291,6 +297,8 @@ def prune_sweep(
     """Prune `source` at each sparsity into out/sparsity-NN/; returns the accuracy-vs-sparsity table."""
     opts = [PruneOptions(s, structured, finetune_epochs, lr_scale) for s in sparsities]  # checked before any work
     opened = runs.open_model(source)
+    if structured:
+        _check_narrowable(opened.ckpt["model"])
     cfg = finetune_config(opened.cfg, opts[0])
     if data_dir is not None:
         cfg.data.dir = str(data_dir)
