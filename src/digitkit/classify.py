@@ -58,11 +58,20 @@ class Answer:
 
 
 class Recognizer:
-    """A trained model plus how it reads images (preprocess config) and answers (inference config)."""
+    """A trained model plus how it reads images (preprocess config) and answers (inference config).
 
-    def __init__(self, model: nn.Module, classes: list[str], inference: InferenceConfig | None = None,
-                 preprocess_cfg: PreprocessConfig | None = None, device: str | torch.device = "cpu") -> None:
-        self.model = model.eval().to(device)
+    `engine`, when given, computes the probabilities instead of `model`: any object with `probs(x) -> (B, K)`, such
+    as an exported ONNX file (digitkit.engine.OnnxModel). `model` may then be None, or the same checkpoint's PyTorch
+    model, kept for what needs gradients (explanations).
+    """
+
+    def __init__(self, model: nn.Module | None, classes: list[str], inference: InferenceConfig | None = None,
+                 preprocess_cfg: PreprocessConfig | None = None, device: str | torch.device = "cpu",
+                 engine: Any = None) -> None:  # fmt: skip
+        if model is None and engine is None:
+            raise ValueError("Recognizer needs a model or an engine")
+        self.model = model.eval().to(device) if model is not None else None
+        self.engine = engine
         self.classes = list(classes)
         self.inference = inference or InferenceConfig()
         self.preprocess_cfg = preprocess_cfg or PreprocessConfig()
@@ -84,6 +93,14 @@ class Recognizer:
         if len(x) == 0:
             return torch.zeros(0, len(self.classes))
         inf = self.inference
+        if self.engine is not None:
+            if inf.noise_defence_sigma <= 0:
+                return self.engine.probs(x.float())
+            # The same shared noise as evaluate.predict_probs (seed 0), so both engines answer alike.
+            g = torch.Generator().manual_seed(0)
+            noise = torch.randn((inf.noise_defence_samples, *x.shape[1:]), generator=g)
+            x = x.float()
+            return sum(self.engine.probs((x + inf.noise_defence_sigma * n).clamp(0, 1)) for n in noise) / len(noise)
         if inf.noise_defence_sigma > 0:
             return predict_probs(self.model, x, inf.noise_defence_sigma, inf.noise_defence_samples, device=self.device)
         # The plain path, without predict_probs' per-call train/eval bookkeeping: the model stays in eval mode

@@ -445,8 +445,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("predict", help="classify image files (photos, scans, canvases) or folders of them",
                         epilog="example: digitkit predict --model runs/latest photo.jpg scans/ --json")
-    pr.add_argument("--model", required=True, help="run folder or checkpoint file")
+    pr.add_argument("--model", required=True, help="run folder or checkpoint file (or an exported .onnx file)")
     pr.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
+    pr.add_argument("--engine", choices=("torch", "onnx"), help="torch (default), or onnx: the run's "
+                    "export/model.onnx (or --model FILE.onnx) through ONNX Runtime")  # fmt: skip
     pr.add_argument("--json", action="store_true", help="one JSON object per line")
     pr.add_argument("--top-k", type=_positive, default=3, help="most likely digits to list (default 3)")
     pr.add_argument("--show-preprocessed", metavar="DIR", help="write the 28x28 images the model saw")
@@ -497,6 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--api-key-file", metavar="FILE", help="file holding the API key for prediction routes")
     sv.add_argument("--admin-token-file", metavar="FILE", help="file holding the admin token (reload, audit export)")
     sv.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"))
+    sv.add_argument("--engine", choices=("torch", "onnx"), help="torch (default) or onnx: the run's export/model.onnx "
+                    "through ONNX Runtime (write it with `digitkit export RUN`)")  # fmt: skip
     sv.set_defaults(func=cmd_serve)
 
     # --- audit parser (anchor: owned by the audit-log work)
@@ -520,6 +524,23 @@ def build_parser() -> argparse.ArgumentParser:
                      "folder (idx, required)")  # fmt: skip
     aue.set_defaults(func=cmd_audit_export)
     # --- export parser (anchor: owned by the export work)
+    xo = sub.add_parser("export", help="export a run to ONNX (fp32 or int8), checked against PyTorch on the test set",
+                        epilog="example: digitkit export runs/latest --format onnx --int8   (then: digitkit predict "
+                        "--engine onnx --model runs/latest photo.jpg)")  # fmt: skip
+    xo.add_argument("run", metavar="RUN", help="run folder or checkpoint file")
+    xo.add_argument("--format", choices=("onnx",), default="onnx", help="onnx (the only format so far)")
+    xo.add_argument("--int8", action="store_true", help="static int8 quantization calibrated on training images")
+    xo.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    xo.add_argument("--out", metavar="FILE", help="default RUN/export/model.onnx (model.int8.onnx with --int8)")
+    xo.add_argument("--calibration-images", type=_positive, default=1000, metavar="N",
+                    help="training images for int8 calibration (default 1000; never test images)")  # fmt: skip
+    xo.add_argument("--max-int8-drop", type=float, default=0.5, metavar="POINTS",
+                    help="fail if int8 test accuracy is more than this many points below fp32 (default 0.5)")
+    xo.add_argument("--data-dir", help="folder with the IDX files (default: the run's data.dir)")
+    xo.add_argument("--threads", type=_positive, default=2, help="threads for the batched speed figure (default 2)")
+    xo.add_argument("--no-speed", action="store_true", help="skip the speed measurement")
+    xo.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    xo.set_defaults(func=cmd_export)
     # --- compression and card parser (anchor: owned by the compression work)
     pn = sub.add_parser("prune", help="prune a run (magnitude or channels), fine-tune it; accuracy against sparsity",
                         epilog="example: digitkit prune runs/latest --sparsity 0.5,0.7,0.9  (each pruned model is a "
@@ -754,7 +775,15 @@ def _recognizer(args: argparse.Namespace) -> Any:
 
     from digitkit.classify import Recognizer
 
-    rec = Recognizer.open(args.model)
+    engine = getattr(args, "engine", None) or ("onnx" if str(args.model).endswith(".onnx") else "torch")
+    if engine == "onnx":
+        from digitkit.engine import open_recognizer
+
+        rec = open_recognizer(args.model)
+    elif str(args.model).endswith(".onnx"):
+        raise ConfigError(f"--model {args.model} is an ONNX file; use --engine onnx (or give the run folder)")
+    else:
+        rec = Recognizer.open(args.model)
     changes = {}
     if getattr(args, "reject_below", None) is not None:
         changes["reject_below_confidence"] = args.reject_below
@@ -877,7 +906,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = serve_settings.load(
         args.settings,
         {"model": args.model, "host": args.host, "port": args.port, "workers": args.workers, "threads": args.threads,
-         "audit_db": args.audit_db, "cache_size": args.cache_size, "log_level": args.log_level},
+         "audit_db": args.audit_db, "cache_size": args.cache_size, "log_level": args.log_level,
+         "engine": args.engine},
         {"api_key": args.api_key_file, "admin_token": args.admin_token_file},
     )  # fmt: skip
     checkpoint.resolve(settings.model)  # a wrong path fails here, in one line, not inside uvicorn's startup
@@ -1013,6 +1043,36 @@ def cmd_audit_export(args: argparse.Namespace) -> int:
 
 
 # --- export commands (anchor: owned by the export work)
+def cmd_export(args: argparse.Namespace) -> int:
+    from digitkit import export
+
+    options = export.ExportOptions(
+        int8=args.int8, opset=args.opset, calibration_images=args.calibration_images,
+        max_int8_accuracy_drop=args.max_int8_drop / 100, measure_speed=not args.no_speed, threads=args.threads,
+    )  # fmt: skip
+    report = export.export_run(args.run, args.out, options, args.data_dir).to_json()
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    par = report["parity"]
+    print(f"wrote {report['out']} ({report['size_bytes']:,} bytes, {report['precision']}, opset {report['opset']}) "
+          f"in {report['seconds']:.1f} s; report {Path(report['out']).with_suffix('.json')}")
+    print(f"parity fp32 vs PyTorch on {par['images']:,} test images: {100 * par['agreement']:.2f}% identical "
+          f"predictions ({par['disagreements']} differ), max |prob diff| {par['max_abs_prob_diff']:.2g}, accuracy "
+          f"{100 * par['accuracy']:.2f}% (PyTorch {100 * par['accuracy_reference']:.2f}%)")  # fmt: skip
+    q = report["int8"]
+    if q:
+        print(f"int8: {report['size_bytes']:,} bytes ({q['size_ratio']:.2f}x fp32), accuracy "
+              f"{100 * q['accuracy_int8']:.2f}% ({q['accuracy_change_points']:+.2f} points; aim within 0.1), "
+              f"{100 * q['agreement_with_fp32']:.2f}% same predictions as fp32")  # fmt: skip
+    speed = {k: v for k, v in report["speed"].items() if k != "settings"}
+    for engine, s in speed.items():
+        print(f"  {engine:12s} batch 1 p50 {s['batch1_p50_ms']:.3f} ms (p99 {s['batch1_p99_ms']:.3f}), batch 1024 "
+              f"{s['batch_images_per_s']:,.0f} images/s")
+    if q and "speedup_batch" in q:
+        print(f"int8 speed-up over fp32: {q['speedup_batch1']:.2f}x at batch 1, {q['speedup_batch']:.2f}x at "
+              "batch 1024")
+    return 0
 
 
 # --- compression and card commands (anchor: owned by the compression work)

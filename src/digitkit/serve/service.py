@@ -116,13 +116,22 @@ class Loaded:
         from digitkit import runs
 
         opened = runs.open_model(path)
-        self.recognizer = Recognizer(opened.model, opened.ckpt["classes"], opened.cfg.inference, opened.cfg.preprocess)
         sha = runs.checkpoint_sha256(opened.checkpoint_path)
+        if settings.engine == "onnx":  # the run's export of this very checkpoint; the torch model stays for explain
+            from digitkit.engine import open_recognizer
+
+            self.recognizer = open_recognizer(opened.run_dir or opened.checkpoint_path.parent, settings.threads,
+                                              opened.model, expect_checkpoint_sha256=sha)  # fmt: skip
+        else:
+            self.recognizer = Recognizer(opened.model, opened.ckpt["classes"], opened.cfg.inference,
+                                         opened.cfg.preprocess)  # fmt: skip
         name = opened.run_dir.name if opened.run_dir else opened.checkpoint_path.stem
+        engine_tag = "-onnx" if settings.engine == "onnx" else ""
         summary = _read_json(opened.run_dir / "summary.json") if opened.run_dir else {}
         pre = opened.cfg.preprocess
         self.info = ModelInfo(
-            name=name, version=f"{name}-{sha[:12]}", checkpoint=str(opened.checkpoint_path), checkpoint_sha256=sha,
+            name=name, version=f"{name}-{sha[:12]}{engine_tag}", checkpoint=str(opened.checkpoint_path),
+            checkpoint_sha256=sha,
             classes=list(opened.ckpt["classes"]),
             metrics={k: summary[k] for k in ("test_accuracy", "val_accuracy", "params", "epochs", "best_epoch",
                                              "macs_per_image") if k in summary},
@@ -133,6 +142,8 @@ class Loaded:
                 "model_input": "white digit on black, float in [0, 1], centred by mass in a 20x20 box",
                 "preprocess": pre.__dict__.copy(),
                 "inference": opened.cfg.inference.__dict__.copy(),
+                "engine": settings.engine,
+                **({"onnx_file": str(self.recognizer.engine.path)} if settings.engine == "onnx" else {}),
             },
             config=opened.ckpt.get("config") or {},
         )  # fmt: skip

@@ -92,6 +92,9 @@ class ServeSettings:
     cache_size: int = 4096
     """Answers kept by input hash (0 turns the cache off)."""
     log_level: str = "info"
+    engine: str = "torch"
+    """torch, or onnx: answer through ONNX Runtime from the run's export/model.onnx (`digitkit export RUN`; it must
+    come from the same checkpoint). Explanations still use the PyTorch model of that checkpoint."""
     limits: LimitSettings = field(default_factory=LimitSettings)
     drift: DriftSettings = field(default_factory=DriftSettings)
     api_key: str | None = field(default=None, repr=False)
@@ -102,6 +105,9 @@ class ServeSettings:
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port {self.port}: expected 0-65535")
+        if self.engine not in ("torch", "onnx"):
+            raise ConfigError(f"engine {self.engine!r}: expected torch or onnx (onnx needs `digitkit export RUN` "
+                              "first)")
         if self.workers < 1 or self.threads < 1 or self.cache_size < 0:
             raise ConfigError("workers and threads must be >= 1 and cache_size >= 0")
         for name in ("api_key", "admin_token"):

@@ -1,0 +1,124 @@
+"""Run an exported ONNX model: an ONNX Runtime session that answers like the PyTorch model it came from.
+
+`digitkit export` writes `RUN/export/model.onnx`: input `image` float32 (N, 1, 28, 28) in [0, 1] (white digit on
+black, preprocessed as `digitkit.preprocess` does), output `probabilities` (N, K), softmax included. Its metadata
+holds everything needed to answer without the run folder: class names, the preprocessing config, the inference
+config (rejection threshold, noise defence) and the checkpoint's SHA-256. So `open_recognizer("model.onnx")` is a
+complete `Recognizer`, and `digitkit predict --engine onnx` or `digitkit serve --engine onnx` run the same
+preprocessing, rejection rules and (to within the parity `digitkit export` checks) the same answers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from digitkit.errors import ConfigError, DataError
+
+ENGINES = ("torch", "onnx")
+INPUT_NAME = "image"
+OUTPUT_NAME = "probabilities"
+EXPORT_DIR = "export"
+DEFAULT_FILE = "model.onnx"
+REQUIRED_METADATA = ("digitkit_format", "classes", "preprocess", "inference", "checkpoint_sha256", "model")
+FORMAT = "digitkit-onnx/1"
+
+
+class OnnxModel:
+    """An ONNX Runtime session over an exported file; `probs(x)` has the Recognizer's engine signature.
+
+    threads: intra-op threads (0 lets ONNX Runtime choose one per physical core). A server answering one image per
+    request wants 1: a thread hand-off costs more than it saves on a 2-megaflop model.
+    """
+
+    def __init__(self, path: str | Path, threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise DataError(f"{self.path}: no such ONNX file; write one with `digitkit export RUN --format onnx`")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3  # errors only: ORT's warnings about unused initializers are noise here
+        try:
+            self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001  ORT raises its own exception types for a bad file; all mean the same
+            first = str(e).splitlines()[0][:200] if str(e) else ""
+            raise DataError(f"{self.path}: ONNX Runtime cannot load this file ({type(e).__name__}: {first}); "
+                            "re-export it with `digitkit export RUN`") from None  # fmt: skip
+        self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
+        self.input_name = self.session.get_inputs()[0].name
+
+    def probs(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, 1, H, W) float in [0, 1] -> probabilities (B, K), in chunks of 1024 (bounded memory)."""
+        arr = x.detach().cpu().float().numpy()
+        out = [self.session.run(None, {self.input_name: np.ascontiguousarray(arr[i : i + 1024])})[0]
+               for i in range(0, len(arr), 1024)]  # fmt: skip
+        return torch.from_numpy(np.concatenate(out)) if out else torch.zeros(0, 0)
+
+    def contract(self) -> dict[str, Any]:
+        """classes, preprocess and inference as plain data, checked: a file without them is not a digitkit export."""
+        missing = [k for k in REQUIRED_METADATA if k not in self.metadata]
+        if missing or self.metadata.get("digitkit_format") != FORMAT:
+            raise DataError(
+                f"{self.path}: not a digitkit ONNX export (metadata {', '.join(missing) or 'digitkit_format'} "
+                f"missing or not {FORMAT!r}); export the run with `digitkit export RUN --format onnx`, or use "
+                "--engine torch with the run folder"
+            )
+        try:
+            return {k: json.loads(self.metadata[k]) for k in ("classes", "preprocess", "inference")}
+        except ValueError as e:
+            raise DataError(f"{self.path}: its digitkit metadata is not valid JSON ({e}); re-export the run") from None
+
+
+def onnx_path(path: str | Path) -> Path:
+    """An .onnx file as given, or a run folder's `export/model.onnx` (through runs/latest)."""
+    path = Path(path)
+    if path.suffix == ".onnx":
+        if not path.is_file():
+            raise DataError(f"{path}: no such ONNX file; write one with `digitkit export RUN --format onnx`")
+        return path
+    folder = path if path.is_dir() else path.parent
+    candidate = folder / EXPORT_DIR / DEFAULT_FILE
+    if not candidate.is_file():
+        raise DataError(f"{folder}: no {EXPORT_DIR}/{DEFAULT_FILE} for --engine onnx; write it first with "
+                        f"`digitkit export {folder} --format onnx`, or use --engine torch")  # fmt: skip
+    return candidate
+
+
+def open_recognizer(path: str | Path, threads: int = 0, torch_model: torch.nn.Module | None = None,
+                    expect_checkpoint_sha256: str | None = None) -> Any:  # fmt: skip
+    """A Recognizer answering through ONNX Runtime, configured from the file's metadata alone.
+
+    `torch_model` (the same checkpoint's PyTorch model) is kept for what ONNX cannot do: gradient explanations.
+    `expect_checkpoint_sha256` refuses a stale export (written from another checkpoint than the one being served).
+    """
+    from digitkit.classify import Recognizer
+    from digitkit.config import InferenceConfig
+    from digitkit.preprocess import PreprocessConfig
+
+    engine = OnnxModel(onnx_path(path), threads)
+    contract = engine.contract()
+    exported_from = engine.metadata["checkpoint_sha256"]
+    if expect_checkpoint_sha256 is not None and exported_from != expect_checkpoint_sha256:
+        raise DataError(
+            f"{engine.path} was exported from checkpoint {exported_from[:12]}, not from the one being served "
+            f"({expect_checkpoint_sha256[:12]}); re-export with `digitkit export RUN --format onnx`"
+        )
+    try:
+        pre, inf = PreprocessConfig(**contract["preprocess"]), InferenceConfig(**contract["inference"])
+    except (TypeError, ConfigError) as e:
+        raise DataError(f"{engine.path}: its stored preprocess/inference config does not fit this digitkit ({e}); "
+                        "re-export the run with this version") from None  # fmt: skip
+    return Recognizer(torch_model, contract["classes"], inf, pre, engine=engine)
+
+
+def check_engine(name: str) -> str:
+    if name not in ENGINES:
+        raise ConfigError(f"engine {name!r}: expected one of {', '.join(ENGINES)}")
+    return name
