@@ -419,7 +419,9 @@ def test_request_timeout_is_408(mnist_small_run, tmp_path, digits):
     settings.write_text("limits:\n  request_timeout_s: 0.000001\n")
     with serve(mnist_small_run, tmp_path, "--settings", str(settings), "--audit-db",
                f"sqlite:///{tmp_path / 'a.db'}") as srv, srv.client() as c:  # fmt: skip
-        assert_error(c.post("/v1/predict", json={"pixels": digits[0][1].tolist()}), 408, "request_timeout_s")
+        big = np.kron(digits[0][1], np.ones((8, 8), np.uint8))  # 224 x 224: the thread-pool path, with its timeout
+        assert_error(c.post("/v1/predict", content=png(big), headers={"content-type": "image/png"}), 408,
+                     "request_timeout_s")  # fmt: skip
         assert c.get("/healthz").status_code == 200
 
 

@@ -37,6 +37,8 @@ log = logging.getLogger("digitkit.serve")
 BASELINE_IMAGES = 2000
 """Validation images answered to build a missing drift baseline (about 1 s on 2 cores)."""
 LATENCY_PROBES = 30
+SMALL_SIDE = 64
+"""Images up to this size a side are answered without a thread handoff (see app.predict)."""
 
 
 class ServiceError(DigitkitError):
@@ -307,6 +309,18 @@ class Service:
         if answer.rejected == "unreadable" and not status:
             status, title = 422, "unreadable image"
         return _answer_json(answer), _uint8_image(answer), status, title
+
+    def is_small(self, item: Input) -> bool:
+        """Cheap to answer (at most SMALL_SIDE pixels a side, or already the model's input)? Never decodes."""
+        if item.model_input:
+            return True
+        if isinstance(item.data, np.ndarray):
+            return max(item.data.shape) <= SMALL_SIDE
+        try:
+            with Image.open(io.BytesIO(item.data)) as img:
+                return max(img.size) <= SMALL_SIDE
+        except Exception:  # noqa: BLE001 - not an image, or a bomb: the thread pool path reports it
+            return False
 
     @staticmethod
     def _model_input(pixels: np.ndarray, rec: Recognizer) -> Preprocessed:
