@@ -81,6 +81,19 @@ def cnn3_slim(
 
 
 @register_model
+def cnn3_tiny(
+    num_classes: int,
+    in_chans: int,
+    img_size: int,
+    channels: tuple[int, ...] = (8, 16, 32),
+    dropout: float = 0.1,
+):
+    """cnn3 at quarter width (8, 16, 32): a quarter of cnn3_slim's multiply-adds, for edge serving
+    (configs/edge.yaml)."""
+    return _cnn(num_classes, in_chans, img_size, tuple(channels), dropout)
+
+
+@register_model
 def lenet_like(num_classes: int, in_chans: int, img_size: int, dropout: float = 0.5):
     """Conv32(5x5)-MaxPool-Conv64(5x5)-MaxPool-Dense128-Dropout0.5-Dense (the Keras/TF tutorial shape)."""
     features = nn.Sequential(
