@@ -28,7 +28,7 @@ import onnxruntime
 import torch
 
 from digitkit import data, export
-from digitkit.engine import CHUNK, INPUT_NAME, OnnxModel
+from digitkit.engine import INPUT_NAME, OnnxModel
 from digitkit.models import count_macs, count_params, create_model, list_models
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,13 +74,13 @@ def torch_compiled(model: torch.nn.Module, x1: torch.Tensor, xb: torch.Tensor, c
 
 
 def ort(path: Path, x1: np.ndarray, xb: np.ndarray, calls: int, repeats: int) -> dict:
-    sessions = {t: OnnxModel(path, t).session for t in (1, 2)}
+    models = {t: OnnxModel(path, t) for t in (1, 2)}
     current = {"threads": 2}
 
     def run(x: np.ndarray) -> list:
-        # As OnnxModel.probs runs a batch: in cache-sized chunks of engine.CHUNK images.
-        session = sessions[current["threads"]]
-        return [session.run(None, {INPUT_NAME: x[i : i + CHUNK]}) for i in range(0, len(x), CHUNK)]
+        # As OnnxModel.probs runs a batch: in chunks of its `chunk` images (64 for conv nets, 1,024 for the MLP).
+        m = models[current["threads"]]
+        return [m.session.run(None, {INPUT_NAME: x[i : i + m.chunk]}) for i in range(0, len(x), m.chunk)]
 
     return timed(run, lambda t: current.update(threads=t), x1, xb, calls, repeats)
 

@@ -29,9 +29,11 @@ FORMAT = "digitkit-onnx/1"
 
 
 CHUNK = 64
-"""Images per ONNX Runtime call. Small chunks keep each layer's activations in cache: for cnn3_tiny on 2 cores,
-1,024 images as one call ran at 41,000 images/s, as chunks of 256 at 43,000, of 64 at 54,000 (one run, same
-session; benchmarks/inference.py measures batches this way)."""
+"""Images per ONNX Runtime call for convolutional models. Small chunks keep each layer's activations in cache:
+for cnn3_tiny on 2 cores, 1,024 images as one call ran at 41,000 images/s, as chunks of 256 at 43,000, of 64 at
+54,000 (one run, same session). A model without convolutions (the MLP) is all matrix products, which want the
+largest batch: it runs DENSE_CHUNK images per call. benchmarks/inference.py measures batches the same way."""
+DENSE_CHUNK = 1024
 
 
 class OnnxModel:
@@ -58,13 +60,14 @@ class OnnxModel:
             raise DataError(f"{self.path}: ONNX Runtime cannot load this file ({type(e).__name__}: {first}); "
                             "re-export it with `digitkit export RUN`") from None  # fmt: skip
         self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
+        self.chunk = CHUNK if _has_conv(self.path) else DENSE_CHUNK
         self.input_name = self.session.get_inputs()[0].name
 
     def probs(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, 1, H, W) float in [0, 1] -> probabilities (B, K), run in chunks of CHUNK images."""
+        """x (B, 1, H, W) float in [0, 1] -> probabilities (B, K), run in chunks of `self.chunk` images."""
         arr = x.detach().cpu().float().numpy()
-        out = [self.session.run(None, {self.input_name: np.ascontiguousarray(arr[i : i + CHUNK])})[0]
-               for i in range(0, len(arr), CHUNK)]  # fmt: skip
+        out = [self.session.run(None, {self.input_name: np.ascontiguousarray(arr[i : i + self.chunk])})[0]
+               for i in range(0, len(arr), self.chunk)]  # fmt: skip
         return torch.from_numpy(np.concatenate(out)) if out else torch.zeros(0, 0)
 
     def contract(self) -> dict[str, Any]:
@@ -80,6 +83,16 @@ class OnnxModel:
             return {k: json.loads(self.metadata[k]) for k in ("classes", "preprocess", "inference")}
         except ValueError as e:
             raise DataError(f"{self.path}: its digitkit metadata is not valid JSON ({e}); re-export the run") from None
+
+
+def _has_conv(path: Path) -> bool:
+    import onnx
+
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception:  # noqa: BLE001 - ORT loaded it already; without the graph, assume the common case
+        return True
+    return any(node.op_type in ("Conv", "QLinearConv", "ConvInteger") for node in graph.node)
 
 
 def onnx_path(path: str | Path) -> Path:
