@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,18 +17,69 @@ DEFAULT_DATA = "data/mnist"
 
 
 # ---------------------------------------------------------------------------------------------- train
-class ConsoleReporter:
-    """A tqdm bar per epoch (loss, accuracy, images/s) and a one-line summary when the epoch ends."""
+def format_seconds(seconds: float) -> str:
+    """4:05, or 1:02:03 past an hour."""
+    s = max(0, round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
-    def __init__(self, stream: Any = None, bar: bool = True):
+
+class CommandClock:
+    """The ETA of a command that trains several runs (cv folds, compare entries), shared by their reporters.
+
+    Runs are counted from their labels ("fold 2/5", "cnn1 seed 0 (4/15)"); runs that never report (a comparison
+    reuses finished runs) are the ones skipped below the highest index seen. The rate is epochs finished per
+    wall-clock second, so folds trained in parallel count at the speed they really go."""
+
+    def __init__(self, extra_runs: int = 0):
+        self.started, self.extra_runs = time.perf_counter(), extra_runs
+        self.epochs_done, self.epochs_left, self.epochs_per_run = 0, {}, 0
+        self.runs_total: int | None = None
+        self.max_index = 0
+
+    def update(self, label: str, epoch: int, epochs: int) -> None:
+        self.epochs_done += 1
+        self.epochs_left[label] = epochs - epoch
+        self.epochs_per_run = epochs
+        m = re.findall(r"(\d+)/(\d+)", label)
+        if m:
+            index, total = map(int, m[-1])
+            self.max_index, self.runs_total = max(self.max_index, index), total + self.extra_runs
+
+    def eta(self) -> float | None:
+        """Seconds until every run is done, or None while the number of runs is unknown."""
+        if self.runs_total is None or not self.epochs_done:
+            return None
+        counted = [k for k in self.epochs_left if re.search(r"\d+/\d+", k)]
+        skipped = max(0, self.max_index - len(counted))
+        unseen = max(0, self.runs_total - len(self.epochs_left) - skipped)
+        left = sum(self.epochs_left.values()) + unseen * self.epochs_per_run
+        return (time.perf_counter() - self.started) / self.epochs_done * left
+
+
+class ConsoleReporter:
+    """One tqdm bar for the whole run (its ETA is the run's end, not the epoch's), and a line per epoch with the
+    run's ETA (and, with a CommandClock, the whole command's), so logs without a bar show it too."""
+
+    def __init__(self, stream: Any = None, bar: bool = True, label: str = "", clock: CommandClock | None = None):
         self.stream, self.show_bar, self.bar = stream or sys.stderr, bar, None
+        self.label, self.clock = label, clock
+        self.started: float | None = None
+        self.epochs, self.epochs_this_call, self.done = 0, 0, 0
 
     def epoch_start(self, epoch: int, epochs: int, batches: int) -> None:
-        if self.show_bar:
+        if self.started is None:
+            self.started = time.perf_counter()
+        self.epochs = epochs
+        desc = (f"[{self.label}] " if self.label else "") + f"epoch {epoch}/{epochs}"
+        if self.show_bar and self.bar is None:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=batches, desc=f"epoch {epoch}/{epochs}", unit="batch", leave=False,
-                            file=self.stream, dynamic_ncols=True)  # fmt: skip
+            # smoothing=0: the rate is batches over wall-clock time since the start, validation included, so the
+            # ETA covers what the remaining epochs will really take.
+            self.bar = tqdm(total=epochs * batches, initial=(epoch - 1) * batches, desc=desc, unit="batch",
+                            leave=False, file=self.stream, dynamic_ncols=True, smoothing=0)  # fmt: skip
+        elif self.bar is not None:
+            self.bar.set_description(desc, refresh=False)
         self.done = 0
 
     def batch(self, done: int, loss: float, acc: float, images_per_s: float) -> None:
@@ -36,16 +89,36 @@ class ConsoleReporter:
         self.done = done
 
     def epoch_end(self, row: dict[str, float]) -> None:
+        self.epochs_this_call += 1
+        epoch, epochs = int(row["epoch"]), self.epochs
+        line = (
+            (f"[{self.label}] " if self.label else "")
+            + f"epoch {epoch:3d}  train loss {row['train_loss']:.4f} acc {100 * row['train_acc']:6.2f}%  "
+            f"val loss {row['val_loss']:.4f} acc {100 * row['val_acc']:6.2f}%  lr {row['lr']:.2e}  "
+            f"{row['seconds']:5.1f}s  {row['images_per_s']:,.0f} img/s"
+        )
+        etas = []
+        if epochs and epoch < epochs and self.started is not None:
+            per_epoch = (time.perf_counter() - self.started) / self.epochs_this_call
+            etas.append(f"ETA {format_seconds(per_epoch * (epochs - epoch))}" + (" this run" if self.clock else ""))
+        if self.clock is not None:
+            self.clock.update(self.label, epoch, epochs or epoch)
+            left = self.clock.eta()
+            if left:
+                etas.append(f"{format_seconds(left)} all runs")
+        if etas:
+            line += "  " + ", ".join(etas)
+        if self.bar is not None:
+            self.bar.write(line, file=self.stream)
+            if epochs and epoch >= epochs:
+                self.close()
+        else:
+            print(line, file=self.stream, flush=True)
+
+    def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-        print(
-            f"epoch {row['epoch']:3d}  train loss {row['train_loss']:.4f} acc {100 * row['train_acc']:6.2f}%  "
-            f"val loss {row['val_loss']:.4f} acc {100 * row['val_acc']:6.2f}%  lr {row['lr']:.2e}  "
-            f"{row['seconds']:5.1f}s  {row['images_per_s']:,.0f} img/s",
-            file=self.stream,
-            flush=True,
-        )
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -67,10 +140,21 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg.data.extra_dirs = [*cfg.data.extra_dirs, *(args.extra_data or [])]
     reporter = SilentReporter() if args.quiet else ConsoleReporter(bar=sys.stderr.isatty() or args.progress)
     out = Path(args.out) if args.out else None
-    summary = runs.train_run(
-        cfg, out=out, root=Path(args.runs_root), reporter=reporter,
-        resume=run_dir if args.resume else None, stop_after_epochs=args.stop_after_epochs,
-    )  # fmt: skip
+    root = Path(args.runs_root)
+    before = set(root.iterdir()) if root.is_dir() else set()
+    try:
+        summary = runs.train_run(
+            cfg, out=out, root=root, reporter=reporter,
+            resume=run_dir if args.resume else None, stop_after_epochs=args.stop_after_epochs,
+        )  # fmt: skip
+    except KeyboardInterrupt:
+        if isinstance(reporter, ConsoleReporter):
+            reporter.close()
+        interrupted_run(run_dir if args.resume else out or new_run_folder(root, before), cfg.train.epochs)
+        return 130
+    finally:
+        if isinstance(reporter, ConsoleReporter):
+            reporter.close()
     if args.json:
         print(json.dumps(summary))
     elif summary.get("finished"):
@@ -78,6 +162,35 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         print(f"stopped after epoch {summary['epochs']}: continue with --resume {summary['run_dir']}")
     return 0
+
+
+def new_run_folder(root: Path, before: set[Path]) -> Path | None:
+    """The run folder `digitkit train` made under `root` since `before` (a listing of root), if any."""
+    made = [p for p in (root.iterdir() if root.is_dir() else ()) if p not in before and p.is_dir()]
+    if len(made) > 1:  # another run started beside this one: runs/latest names ours
+        latest = root / "latest"
+        made = [p for p in made if latest.exists() and p.resolve() == latest.resolve()] or made
+    return max(made, key=lambda p: p.stat().st_mtime) if made else None
+
+
+def interrupted_run(run_dir: Path | None, epochs: int) -> None:
+    """After Ctrl-C: which folder holds the last finished epoch and the command that continues it."""
+    from digitkit import checkpoint
+    from digitkit.train import LAST
+
+    done = 0
+    if run_dir is not None and (run_dir / LAST).is_file():
+        try:
+            done = int(checkpoint.load(run_dir / LAST)["fit_state"]["epoch"])
+        except Exception:  # a last.pt from a crash mid-write: resuming would fail the same way
+            done = 0
+    if done:
+        print(f"digitkit: interrupted. {run_dir} holds epoch {done} of {epochs} (the last one that finished); "
+              f"continue it with:\n  digitkit train --resume {run_dir}", file=sys.stderr, flush=True)
+    else:
+        where = f" ({run_dir} has no finished epoch)" if run_dir is not None else ""
+        print(f"digitkit: interrupted before the first epoch finished{where}: nothing to resume; run the same "
+              "command again to start over", file=sys.stderr, flush=True)  # fmt: skip
 
 
 def print_summary(s: dict[str, Any]) -> None:
@@ -361,8 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     pv.add_argument("--seed", type=int, default=0)
     pv.add_argument("--data-dir", help=f"training data (default: {DEFAULT_DATA}, or the config's data.dir)")
     pv.set_defaults(func=cmd_augment_preview)
-    ck = asub.add_parser("check", help="warn where a recipe turns digits into something else",
-                         epilog="example: digitkit augment check --recipe erasing --model runs/plain")
+    ck = asub.add_parser("check", help="warn where a recipe turns digits into something else")
     ck.add_argument("--recipe", required=True, help="recipe name or YAML file")
     ck.add_argument("--model", required=True, help="run or checkpoint trained WITHOUT this recipe")
     ck.add_argument("--n", type=_positive, default=5000, help="validation images to use (default 5000)")
@@ -380,8 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.set_defaults(func=cmd_augment_expand)
 
     ev = sub.add_parser("evaluate", help="metrics, errors, calibration, robustness and a report for a run",
-                        description="Evaluate a run folder or checkpoint; writes RUN/eval/<split>/ with report.html.",
-                        epilog="example: digitkit evaluate runs/latest --split test")  # fmt: skip
+                        description="Evaluate a run folder or checkpoint; writes RUN/eval/<split>/ with report.html.")
     ev.add_argument("run", metavar="RUN", help="run folder (its best checkpoint) or a checkpoint file")
     ev.add_argument("--split", choices=("test", "val"), default="test",
                     help="test: the sealed test set (report only); val: the run's validation hold-out")  # fmt: skip
@@ -398,10 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print every figure as one JSON object")
     ev.set_defaults(func=cmd_evaluate)
 
-    xp = sub.add_parser("explain", help="saliency, SmoothGrad, integrated gradients or Grad-CAM for one image",
-                        epilog="examples: digitkit explain runs/latest --index 8 --method gradcam\n"
-                               "          digitkit explain runs/latest --image photo.jpg",
-                        formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    xp = sub.add_parser("explain", help="saliency, SmoothGrad, integrated gradients or Grad-CAM for one image")
     xp.add_argument("run", metavar="RUN", help="run folder or checkpoint file")
     xp.add_argument("--image", help="an image file (photo, scan, canvas), preprocessed as `digitkit predict` does")
     xp.add_argument("--index", type=int, help="an image of the data set by index (see --split)")
@@ -414,8 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
     xp.add_argument("--json", action="store_true")
     xp.set_defaults(func=cmd_explain)
 
-    c = sub.add_parser("cv", help="stratified k-fold cross-validation on the training set (mean +- std)",
-                       epilog="example: digitkit cv --config configs/default.yaml --folds 5 --workers 2")
+    c = sub.add_parser("cv", help="stratified k-fold cross-validation on the training set (mean +- std)")
     c.add_argument("--config", help="training config (default: built-in defaults)")
     c.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
     c.add_argument("--folds", type=_positive, default=5, help="K (default 5; 10 is the other usual choice)")
@@ -429,8 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_cv)
 
-    cmp = sub.add_parser("compare", help="train (or reuse) several configs over seeds and compare them",
-                         epilog="example: digitkit compare configs/compare-depth.yaml --seeds 3")
+    cmp = sub.add_parser("compare", help="train (or reuse) several configs over seeds and compare them")
     cmp.add_argument("specs", nargs="+", metavar="CONFIG", help="training configs or comparison files")
     cmp.add_argument("--seeds", type=_positive, help="seeds per entry (default: the file's seeds:, else 3)")
     cmp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override applied to every entry")
@@ -443,8 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--json", action="store_true")
     cmp.set_defaults(func=cmd_compare)
 
-    pr = sub.add_parser("predict", help="classify image files (photos, scans, canvases) or folders of them",
-                        epilog="example: digitkit predict --model runs/latest photo.jpg scans/ --json")
+    pr = sub.add_parser("predict", help="classify image files (photos, scans, canvases) or folders of them")
     pr.add_argument("--model", required=True, help="run folder or checkpoint file (or an exported .onnx file)")
     pr.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
     pr.add_argument("--engine", choices=("torch", "onnx"), help="torch (default), or onnx: the run's "
@@ -457,8 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--record", action="store_true", help="with --json: include what preprocessing did")
     pr.set_defaults(func=cmd_predict)
 
-    rd = sub.add_parser("read", help="read a row of handwritten digits (an amount, a postcode, a form field)",
-                        epilog="example: digitkit read --model runs/latest postcode.jpg --pattern '[0-9]{5}'")
+    rd = sub.add_parser("read", help="read a row of handwritten digits (an amount, a postcode, a form field)")
     rd.add_argument("--model", required=True, help="run folder or checkpoint file")
     rd.add_argument("image", metavar="IMAGE")
     rd.add_argument("--pattern", help="regular expression the whole string must match; exit code 1 if not")
@@ -467,8 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
     rd.add_argument("--json", action="store_true")
     rd.set_defaults(func=cmd_read)
 
-    en = sub.add_parser("ensemble", help="combine runs: mean of their probabilities, measured on the test set",
-                        epilog="example: digitkit ensemble runs/a runs/b runs/c --weights val")
+    en = sub.add_parser("ensemble", help="combine runs: mean of their probabilities, measured on the test set")
     en.add_argument("runs", nargs="+", metavar="RUN", help="run folders or checkpoints (at least two)")
     en.add_argument("--weights", choices=("equal", "val"), default="equal",
                     help="equal, or proportional to each run's validation accuracy")  # fmt: skip
@@ -483,10 +586,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_models)
 
     # --- serve parser (anchor: owned by the serving work)
-    sv = sub.add_parser("serve", help="REST API and drawing page for a trained model",
-                        epilog="example: digitkit serve --model runs/latest --port 8000  (then open http://127.0.0.1:8000/)."
-                        " Secrets come from the environment: DIGITKIT_API_KEY (prediction routes), DIGITKIT_ADMIN_TOKEN"
-                        " (admin routes), or the --*-file flags.")  # fmt: skip
+    sv = sub.add_parser("serve", help="REST API and drawing page for a trained model")
     sv.add_argument("--model", help="run folder or checkpoint file (default runs/latest)")
     sv.add_argument("--settings", metavar="YAML", help="serving settings file (limits:, drift:, cache_size: ...)")
     sv.add_argument("--host", help="address to listen on (default 127.0.0.1: this machine only)")
@@ -504,9 +604,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.set_defaults(func=cmd_serve)
 
     # --- audit parser (anchor: owned by the audit-log work)
-    au = sub.add_parser("audit", help="statistics and exports of the serving audit log",
-                        epilog="DB is a SQLite file or an SQLAlchemy URL (sqlite:///serve/audit.db, "
-                        "postgresql://user@host/db), as given to `digitkit serve --audit-db`.")  # fmt: skip
+    au = sub.add_parser("audit", help="statistics and exports of the serving audit log")
     ausub = au.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
     aus = ausub.add_parser("stats", help="totals, rejections, latency percentiles, labelled accuracy")
     aus.add_argument("--db", required=True, metavar="URL", help="audit database (file path or URL)")
@@ -514,9 +612,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "2024-05-01T12:00, local unless it has an offset), unix seconds, or an age: 30m, 24h, 7d")
     aus.add_argument("--json", action="store_true", help="print one JSON object")
     aus.set_defaults(func=cmd_audit_stats)
-    aue = ausub.add_parser("export", help="the log as CSV or JSON lines, or labelled images as an IDX training set",
-                           epilog="csv: every column but the image; jsonl: every column, the 28x28 image as base64 "
-                           "(image_b64); idx: labelled images only, a folder for `digitkit train --extra-data`.")
+    aue = ausub.add_parser("export", help="the log as CSV or JSON lines, or labelled images as an IDX training set")
     aue.add_argument("--db", required=True, metavar="URL", help="audit database (file path or URL)")
     aue.add_argument("--format", required=True, choices=("csv", "jsonl", "idx"))
     aue.add_argument("--labelled", action="store_true", help="only predictions with a label from feedback")
@@ -524,9 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "folder (idx, required)")  # fmt: skip
     aue.set_defaults(func=cmd_audit_export)
     # --- export parser (anchor: owned by the export work)
-    xo = sub.add_parser("export", help="export a run to ONNX (fp32 or int8), checked against PyTorch on the test set",
-                        epilog="example: digitkit export runs/latest --format onnx --int8   (then: digitkit predict "
-                        "--engine onnx --model runs/latest photo.jpg)")  # fmt: skip
+    xo = sub.add_parser("export", help="export a run to ONNX (fp32 or int8), checked against PyTorch on the test set")
     xo.add_argument("run", metavar="RUN", help="run folder or checkpoint file")
     xo.add_argument("--format", choices=("onnx",), default="onnx", help="onnx (the only format so far)")
     xo.add_argument("--int8", action="store_true", help="static int8 quantization calibrated on training images")
@@ -542,9 +636,7 @@ def build_parser() -> argparse.ArgumentParser:
     xo.add_argument("--json", action="store_true", help="print the report as one JSON object")
     xo.set_defaults(func=cmd_export)
     # --- compression and card parser (anchor: owned by the compression work)
-    pn = sub.add_parser("prune", help="prune a run (magnitude or channels), fine-tune it; accuracy against sparsity",
-                        epilog="example: digitkit prune runs/latest --sparsity 0.5,0.7,0.9  (each pruned model is a "
-                        "normal run folder under --out: evaluate, predict, serve and export work on it)")  # fmt: skip
+    pn = sub.add_parser("prune", help="prune a run (magnitude or channels), fine-tune it; accuracy against sparsity")
     pn.add_argument("run", metavar="RUN", help="run folder or checkpoint to prune")
     pn.add_argument("--sparsity", required=True, help="fraction(s) to prune, comma-separated: 0.5 or 0.5,0.7,0.9")
     pn.add_argument("--structured", action="store_true",
@@ -562,8 +654,7 @@ def build_parser() -> argparse.ArgumentParser:
     pn.add_argument("--json", action="store_true")
     pn.set_defaults(func=cmd_prune)
 
-    ds = sub.add_parser("distill", help="train a small student from a teacher run or an ensemble (soft targets)",
-                        epilog="example: digitkit distill --teacher runs/latest --student cnn1 --temperature 4")
+    ds = sub.add_parser("distill", help="train a small student from a teacher run or an ensemble (soft targets)")
     ds.add_argument("--teacher", nargs="+", required=True, metavar="RUN",
                     help="teacher run(s); several answer as an ensemble (mean of their softened probabilities)")
     ds.add_argument("--student", help="registered model to train (`digitkit models`); default: the config's model")
@@ -580,11 +671,13 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--json", action="store_true")
     ds.set_defaults(func=cmd_distill)
 
-    cd = sub.add_parser("card", help="write MODEL_CARD.md for a run (use, data, metrics, limitations, config)",
-                        epilog="run `digitkit evaluate RUN` first for per-class, robustness and calibration figures")
+    cd = sub.add_parser("card", help="write MODEL_CARD.md for a run (use, data, metrics, limitations, config)")
     cd.add_argument("run", metavar="RUN", help="run folder or checkpoint file")
     cd.add_argument("--out", help="file to write (default RUN/MODEL_CARD.md)")
     cd.set_defaults(func=cmd_card)
+    # --- menu and completion parser (anchor: owned by the menu work)
+    add_menu_and_completion(sub)
+    add_examples(p)
     return p
 
 
@@ -717,22 +810,21 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 # -------------------------------------------------------------------------------------- cv, compare
 class LabelledReporter(ConsoleReporter):
-    """Epoch lines prefixed with the run's label ("fold 2/5"); no bar when several runs share the terminal."""
+    """Epoch lines prefixed with the run's label ("fold 2/5") and the whole command's ETA (`clock`); no bar when
+    several runs share the terminal."""
 
-    def __init__(self, label: str, bar: bool):
-        super().__init__(bar=bar)
-        self.label = label
-
-    def epoch_end(self, row: dict[str, float]) -> None:
-        print(f"[{self.label}] ", end="", file=self.stream)
-        super().epoch_end(row)
+    def __init__(self, label: str, bar: bool, clock: CommandClock | None = None):
+        super().__init__(bar=bar, label=label, clock=clock)
 
 
-def _reporter_factory(args: argparse.Namespace, parallel: bool = False) -> Any:
+def _reporter_factory(args: argparse.Namespace, parallel: bool = False, extra_runs: int = 0) -> Any:
+    """Reporters for a command that trains several runs; `extra_runs` are runs beyond the labels' "i/n" count
+    (cv's final model)."""
     if args.quiet:
         return None
     bar = (sys.stderr.isatty() or getattr(args, "progress", False)) and not parallel
-    return lambda label: LabelledReporter(label, bar)
+    clock = CommandClock(extra_runs)
+    return lambda label: LabelledReporter(label, bar, clock)
 
 
 def cmd_cv(args: argparse.Namespace) -> int:
@@ -741,7 +833,8 @@ def cmd_cv(args: argparse.Namespace) -> int:
     cfg = config.load(args.config, (args.set or []) + ([f"data.dir={args.data_dir}"] if args.data_dir else []))
     result = cv.run_cv(cfg, folds=args.folds, workers=args.workers, out=Path(args.out) if args.out else None,
                        root=Path(args.runs_root), final=args.final,
-                       reporter_factory=_reporter_factory(args, parallel=args.workers > 1))  # fmt: skip
+                       reporter_factory=_reporter_factory(args, parallel=args.workers > 1,
+                                                        extra_runs=int(args.final)))  # fmt: skip
     if args.json:
         print(json.dumps(result))
         return 0
@@ -1137,6 +1230,180 @@ def cmd_card(args: argparse.Namespace) -> int:
 
     path = card.write_card(args.run, args.out)
     print(f"wrote {path}")
+    return 0
+
+
+# --- menu and completion (anchor: owned by the menu work)
+# Every command's --help ends with "examples:" (a test parses each line with the real parser). A note comes
+# first where there is something to know before running the command. A subcommand can instead carry its own
+# epilog with an "examples:" block; add_examples keeps it.
+EXAMPLES: dict[str, tuple[str, list[str]]] = {
+    "": ("Every command has its own --help with examples; `digitkit menu` offers the common tasks as a menu and "
+         "prints the command it runs.", [
+        "digitkit menu                                        # a terminal menu for the common tasks",
+        "digitkit train --config configs/default.yaml         # the demo recipe: about 3 minutes on 2 cores",
+        "digitkit evaluate runs/latest                        # report.html with errors, calibration, robustness",
+        "digitkit predict --model runs/latest photo.jpg",
+        "digitkit completion bash > ~/.local/share/bash-completion/completions/digitkit",
+    ]),  # fmt: skip
+    "train": ("Ctrl-C stops after saying which run folder holds the last finished epoch; --resume continues it and "
+              "ends where the uninterrupted run would have.", [
+        "digitkit train --config configs/default.yaml",
+        "digitkit train --config configs/default.yaml --set train.epochs=2 --set model.name=cnn1",
+        "digitkit train --config configs/edge.yaml --out runs/edge --quiet --json",
+        "digitkit train --resume runs/latest                  # continue an interrupted run",
+        "digitkit train --config configs/default.yaml --extra-data feedback-idx/",
+    ]),  # fmt: skip
+    "data": ("", [
+        "digitkit data info",
+        "digitkit data preview --out grid.png",
+        "digitkit data verify --data-dir data/mnist",
+    ]),
+    "data info": ("", ["digitkit data info", "digitkit data info --data-dir data/fashion --json"]),
+    "data verify": ("", ["digitkit data verify", "digitkit data verify --data-dir expanded/"]),
+    "data preview": ("", [
+        "digitkit data preview --out grid.png",
+        "digitkit data preview --out test-grid.png --split test --per-class 6 --seed 1",
+    ]),
+    "data download": ("Files are verified by SHA-256 before they are kept; the cache is $DIGITKIT_CACHE or "
+                      "~/.cache/digitkit.", [
+        "digitkit data download --out data/mnist-download",
+        "digitkit data download --out mnist/ --cache-dir /tmp/digitkit-cache --timeout 60",
+    ]),  # fmt: skip
+    "augment": ("", [
+        "digitkit augment list",
+        "digitkit augment preview --recipe standard --out aug.png",
+        "digitkit augment check --recipe erasing --model runs/plain",
+    ]),
+    "augment list": ("", ["digitkit augment list"]),
+    "augment preview": ("", [
+        "digitkit augment preview --recipe realworld --out aug.png",
+        "digitkit augment preview --recipe my-recipe.yaml --out aug.png --n 4 --copies 6",
+        "digitkit augment preview --config configs/default.yaml --out batch.png   # epoch 1's first batch",
+    ]),
+    "augment check": ("Use a model trained without the recipe: it reads the augmented digits as a fresh reader "
+                      "would.", [
+        "digitkit augment check --recipe erasing --model runs/plain",
+        "digitkit augment check --recipe realworld --model runs/plain --n 2000 --json",
+    ]),  # fmt: skip
+    "augment expand": ("The test files are copied unchanged, so the folder works as a --data-dir.", [
+        "digitkit augment expand --recipe standard --factor 3 --out data/mnist-x3",
+        "digitkit train --config configs/default.yaml --data-dir data/mnist-x3",
+    ]),
+    "evaluate": ("Writes RUN/eval/<split>/: metrics.json, per_class.csv, errors.png, reliability.png, "
+                 "robustness.png, report.md and report.html.", [
+        "digitkit evaluate runs/latest",
+        "digitkit evaluate runs/latest --quick                 # clean metrics only, a few seconds",
+        "digitkit evaluate runs/latest --split val --json",
+    ]),  # fmt: skip
+    "explain": ("", [
+        "digitkit explain runs/latest --index 8 --method gradcam",
+        "digitkit explain runs/latest --image photo.jpg --out why.png",
+    ]),
+    "cv": ("", [
+        "digitkit cv --config configs/default.yaml --folds 5 --workers 2",
+        "digitkit cv --config configs/edge.yaml --folds 10 --final",
+    ]),
+    "compare": ("Finished runs under runs/compare/ are reused; --retrain trains them again.", [
+        "digitkit compare configs/compare-depth.yaml --seeds 3",
+        "digitkit compare configs/default.yaml configs/edge.yaml --seeds 2 --set train.epochs=4",
+    ]),
+    "predict": ("", [
+        "digitkit predict --model runs/latest photo.jpg scans/ --json",
+        "digitkit predict --model runs/latest canvas.png --show-preprocessed seen/",
+        "digitkit predict --engine onnx --model runs/latest/export/model.onnx photo.jpg",
+    ]),
+    "read": ("", [
+        "digitkit read --model runs/latest postcode.jpg --pattern '[0-9]{5}'",
+        "digitkit read --model runs/latest amount.png --json",
+    ]),
+    "ensemble": ("", ["digitkit ensemble runs/a runs/b runs/c --weights val"]),
+    "models": ("", ["digitkit models", "digitkit models --json"]),
+    "serve": ("Then open http://127.0.0.1:8000/ for the drawing page. Secrets come from the environment: "
+              "DIGITKIT_API_KEY (prediction routes), DIGITKIT_ADMIN_TOKEN (admin routes), or the --*-file flags.", [
+        "digitkit serve --model runs/latest --port 8000",
+        "digitkit serve --model runs/latest --engine onnx --workers 2 --audit-db serve/audit.db",
+    ]),  # fmt: skip
+    "audit": ("DB is a SQLite file or an SQLAlchemy URL (sqlite:///serve/audit.db, postgresql://user@host/db), as "
+              "given to `digitkit serve --audit-db`.", [
+        "digitkit audit stats --db serve/audit.db --since 24h",
+        "digitkit audit export --db serve/audit.db --format idx --out feedback-idx",
+    ]),  # fmt: skip
+    "audit stats": ("", [
+        "digitkit audit stats --db serve/audit.db",
+        "digitkit audit stats --db postgresql://digitkit@localhost/audit --since 7d --json",
+    ]),
+    "audit export": ("csv: every column but the image; jsonl: every column, the 28x28 image as base64 (image_b64); "
+                     "idx: labelled images only, a folder for `digitkit train --extra-data`.", [
+        "digitkit audit export --db serve/audit.db --format csv --out audit.csv",
+        "digitkit audit export --db serve/audit.db --format idx --out feedback-idx",
+    ]),  # fmt: skip
+    "export": ("", [
+        "digitkit export runs/latest --format onnx",
+        "digitkit export runs/latest --format onnx --int8      # then: digitkit predict --engine onnx ...",
+    ]),
+    "prune": ("Each pruned model is a normal run folder under --out: evaluate, predict, serve and export work on it.", [
+        "digitkit prune runs/latest --sparsity 0.5,0.7,0.9",
+        "digitkit prune runs/latest --sparsity 0.5 --structured --finetune-epochs 3",
+    ]),  # fmt: skip
+    "distill": ("", [
+        "digitkit distill --teacher runs/latest --student cnn1 --temperature 4",
+        "digitkit distill --teacher runs/a runs/b --student cnn3_tiny --set train.epochs=4",
+    ]),
+    "card": ("Run `digitkit evaluate RUN` first for per-class, robustness and calibration figures.", [
+        "digitkit card runs/latest",
+        "digitkit card runs/latest --out MODEL_CARD.md",
+    ]),
+    "menu": ("Arrow keys or a number pick an action, Enter confirms, Ctrl-C goes back. The last run is remembered "
+             "in $DIGITKIT_STATE_DIR (default: your config folder, e.g. ~/.config/digitkit).", ["digitkit menu"]),
+    "completion": ("", [
+        "digitkit completion bash > ~/.local/share/bash-completion/completions/digitkit",
+        "digitkit completion zsh > ~/.zsh/digitkit.zsh      # then in ~/.zshrc: source ~/.zsh/digitkit.zsh",
+        "digitkit completion fish > ~/.config/fish/completions/digitkit.fish",
+    ]),
+}
+
+
+def add_examples(parser: argparse.ArgumentParser) -> None:
+    """End every command's --help with its examples (EXAMPLES), printed as written."""
+    import textwrap
+
+    from digitkit.completion import walk
+
+    for path, p in walk(parser).items():
+        p.formatter_class = argparse.RawDescriptionHelpFormatter
+        if p.epilog and "examples:" in p.epilog:
+            continue
+        note, lines = EXAMPLES.get(path, ("", []))
+        if not lines:
+            continue
+        text = "\n".join(textwrap.wrap(note, 100)) + "\n\n" if note else ""
+        p.epilog = text + "examples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def add_menu_and_completion(sub: Any) -> None:
+    mn = sub.add_parser("menu", help="a terminal menu for the common tasks (arrow keys or numbers)",
+                        description="A menu for looking at the data, training, comparing, evaluating, predicting, "
+                        "serving and exporting, without writing a config or remembering a flag. Each action prints "
+                        "the digitkit command it runs.")  # fmt: skip
+    mn.set_defaults(func=cmd_menu)
+    co = sub.add_parser("completion", help="print a shell completion script (bash, zsh or fish)",
+                        description="Print a completion script for your shell, generated from digitkit's own "
+                        "argument parser: subcommands, options, choices and file names.")  # fmt: skip
+    co.add_argument("shell", choices=("bash", "zsh", "fish"))
+    co.set_defaults(func=cmd_completion)
+
+
+def cmd_menu(args: argparse.Namespace) -> int:
+    from digitkit import menu
+
+    return menu.run()
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    from digitkit import completion
+
+    sys.stdout.write(completion.script(build_parser(), args.shell))
     return 0
 
 
