@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +16,15 @@ from digitkit.data import Dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 MNIST_DIR = ROOT / "data" / "mnist"
+
+# The uncompressed IDX cache (idx.cached_raw) of a test session, subprocesses included, lives in a throwaway folder,
+# never in the user's ~/.cache.
+_CACHE = tempfile.mkdtemp(prefix="digitkit-test-cache-")
+os.environ["DIGITKIT_CACHE_DIR"] = _CACHE
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_CACHE, ignore_errors=True)
 
 
 def synthetic_images(labels: np.ndarray, size: int = 28, seed: int = 0) -> np.ndarray:

@@ -149,3 +149,30 @@ def test_save_split_and_sums_round_trip(tmp_path, tiny_dir):
     assert ds.classes == ["up", "right", "down", "left"]
     sums = data.read_sums(tiny_dir / "SHA256SUMS.raw")
     assert len(sums) == 4 and all(len(v) == 64 for v in sums.values())
+
+
+def test_gzip_files_are_read_through_a_verified_uncompressed_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIGITKIT_CACHE_DIR", str(tmp_path / "cache"))
+    src = make_idx_dir(tmp_path / "d", num_classes=3)
+    first = data.load_split(src, "train")
+    copies = sorted((tmp_path / "cache" / "idx").glob("train-images-idx3-ubyte.gz.*.raw"))
+    assert len(copies) == 1
+    # The copy is what later reads use: alter one pixel in it (keeping its name) and it must be refused, not used.
+    raw = bytearray(copies[0].read_bytes())
+    raw[-1] ^= 0xFF
+    copies[0].write_bytes(bytes(raw))
+    again = data.load_split(src, "train")
+    assert torch.equal(again.images, first.images)
+    assert idx.sha256(copies[0].read_bytes()) == copies[0].name.split(".")[-2]  # replaced from the source
+    # A changed source file (new content, new mtime) gets its own copy; the old one is never served for it.
+    shutil.copy(src / "t10k-images-idx3-ubyte.gz", src / "train-images-idx3-ubyte.gz")
+    images = idx.read(src / "train-images-idx3-ubyte.gz")
+    assert images.shape[0] == 80 and not np.array_equal(images[:80], first.images[:80, 0].numpy())
+
+
+def test_an_unwritable_cache_is_skipped(tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder would be")
+    monkeypatch.setenv("DIGITKIT_CACHE_DIR", str(blocker))
+    src = make_idx_dir(tmp_path / "d", num_classes=3)
+    assert len(data.load_split(src, "train")) == 240

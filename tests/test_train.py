@@ -244,3 +244,65 @@ def test_other_class_count_and_image_size_train_with_the_same_commands(tmp_path)
     assert summary["classes"] == list("abcdefg") and ckpt["img_size"] == 20
     assert checkpoint.model_from_checkpoint(ckpt)(torch.zeros(2, 1, 20, 20)).shape == (2, 7)
     assert summary["test_accuracy"] > 1 / 7 + 0.3  # well above chance: it learned the 7 classes
+
+
+def test_steps_per_epoch_trains_on_part_of_the_data(tmp_path, tiny_dir):
+    # 240 training images of the tiny set, 10% held out: 216, so 6 full batches of 32; 3 asked for.
+    seen = []
+
+    class Count(train.SilentReporter):
+        def epoch_start(self, epoch, epochs, batches):
+            seen.append(batches)
+
+    summary = runs.train_run(tiny_cfg(tiny_dir, "train.steps_per_epoch=3", "train.epochs=2"), out=tmp_path / "r",
+                             reporter=Count())  # fmt: skip
+    assert seen == [3, 3] and summary["epochs"] == 2
+    assert train.epoch_steps(216, tiny_cfg(tiny_dir, "train.steps_per_epoch=100").train) == 6  # never past a pass
+
+
+def test_weight_average_is_what_is_validated_saved_and_resumed(tmp_path, tiny_dir):
+    cfg = tiny_cfg(tiny_dir, "train.ema_decay=0.9")
+    summary = runs.train_run(cfg, out=tmp_path / "ema")
+    resume = torch.load(tmp_path / "ema" / train.LAST, weights_only=True)
+    averaged = {k.removeprefix("module."): v for k, v in resume["ema"].items() if k.startswith("module.")}
+    raw = resume["state_dict"]
+    # The average differs from the raw weights, and the kept checkpoint (last epoch here) holds the average.
+    assert any(not torch.equal(averaged[k], raw[k]) for k in raw if raw[k].is_floating_point())
+    best = torch.load(checkpoint.resolve(tmp_path / "ema"), weights_only=True)
+    if best["metrics"]["epoch"] == 3:
+        assert all(torch.equal(best["state_dict"][k], averaged[k]) for k in raw)
+    rows = train.read_metrics(tmp_path / "ema" / "metrics.csv")
+    assert summary["val_accuracy"] == pytest.approx(max(r["val_acc"] for r in rows if r["epoch"] ==
+                                                       best["metrics"]["epoch"]))  # fmt: skip
+    # Resuming carries the average on: two epochs, then one more, equal three uninterrupted.
+    runs.train_run(cfg, out=tmp_path / "part", stop_after_epochs=2)
+    resumed = runs.train_run(cfg, resume=tmp_path / "part")
+    assert resumed["val_accuracy"] == summary["val_accuracy"] and resumed["val_log_loss"] == pytest.approx(
+        summary["val_log_loss"], rel=1e-5)  # fmt: skip
+
+
+def test_plots_can_be_left_to_evaluate(tmp_path, tiny_dir):
+    runs.train_run(tiny_cfg(tiny_dir, "train.plots=false", "train.epochs=1"), out=tmp_path / "r")
+    assert (tmp_path / "r" / "summary.json").is_file()
+    assert not (tmp_path / "r" / "history.png").exists() and not (tmp_path / "r" / "confusion.png").exists()
+
+
+def test_cpu_bfloat16_autocast_trains(tmp_path, tiny_dir):
+    cfg = tiny_cfg(tiny_dir, "train.cpu_bf16=true", "train.epochs=2")
+    autocast, scaler = train.mixed_precision(torch.device("cpu"), cfg.train)
+    assert autocast.fast_dtype == torch.bfloat16 and scaler is None
+    assert train.mixed_precision(torch.device("cpu"), tiny_cfg(tiny_dir).train)[0]._enabled is False
+    summary = runs.train_run(cfg, out=tmp_path / "r")
+    assert summary["test_accuracy"] > 0.9
+
+
+@pytest.mark.parametrize("key, value", [("train.steps_per_epoch", -1), ("train.ema_decay", 1.0)])
+def test_bad_speed_options_are_refused(key, value):
+    with pytest.raises(config.ConfigError, match=key):
+        config.load(None, [f"{key}={value}"])
+
+
+def test_one_cycle_without_room_for_warm_up_is_refused(tmp_path, tiny_dir):
+    with pytest.raises(config.ConfigError, match="onecycle"):
+        runs.train_run(tiny_cfg(tiny_dir, "train.steps_per_epoch=2", "train.epochs=2"), out=tmp_path / "r")
+    assert not (tmp_path / "r").exists()  # refused before a run folder is made

@@ -91,11 +91,27 @@ class TrainConfig:
     device: str = "auto"
     """auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps."""
     amp: bool = True
-    """Mixed precision (bfloat16 autocast) where the device supports it; ignored on CPU."""
+    """Mixed precision on a GPU: bfloat16 autocast, or float16 with loss scaling where bfloat16 is unsupported. On
+    a CPU it follows cpu_bf16."""
+    cpu_bf16: bool = False
+    """bfloat16 autocast on the CPU too. Pays off only where the CPU does bfloat16 natively (AVX-512 BF16, AMX);
+    on an AVX2 CPU it is emulated and slower (benchmarks/speedrun.py --probe measures both)."""
+    compile: bool = False
+    """torch.compile the model for training and evaluation: faster steps after a compilation that costs seconds to
+    minutes, so it pays off only for long runs (measured in benchmarks/speedrun.py --probe)."""
     threads: int = 0
     """CPU threads for torch; 0 uses every core."""
     channels_last: bool = True
     """NHWC memory layout: faster convolutions on CPU (measured in benchmarks/train_speed.py)."""
+    steps_per_epoch: int = 0
+    """Batches per epoch; 0 is one full pass over the training set. Fewer make an epoch a fraction of the data
+    (fast.yaml trains on less than one pass when that is enough)."""
+    plots: bool = True
+    """Draw history.png and confusion.png when the run ends (about a second: matplotlib); `digitkit evaluate RUN`
+    draws them, and more, at any time."""
+    ema_decay: float = 0.0
+    """Exponential moving average of the weights (and batch-norm statistics), updated every step; validation,
+    checkpoints and the test figure use the average. 0 turns it off; 0.999 is typical for runs of 10k+ steps."""
 
     def __post_init__(self) -> None:
         _choice("train.optimizer", self.optimizer, OPTIMIZERS)
@@ -108,6 +124,11 @@ class TrainConfig:
             raise ConfigError(f"train.lr = {self.lr}: expected a positive learning rate such as 1e-3")
         if self.weight_decay < 0 or not 0 <= self.label_smoothing < 1:
             raise ConfigError("train.weight_decay must be >= 0 and train.label_smoothing in [0, 1)")
+        if self.steps_per_epoch < 0:
+            raise ConfigError(f"train.steps_per_epoch = {self.steps_per_epoch}: expected 0 (a full pass) or more")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"train.ema_decay = {self.ema_decay}: expected 0 (off) or a decay in (0, 1) such as "
+                              "0.999")  # fmt: skip
         if self.early_stopping_patience_epochs < 0 or self.plateau_patience_epochs < 0:
             raise ConfigError("train.*_patience_epochs must be >= 0 (0 turns early stopping off)")
 

@@ -246,15 +246,19 @@ def stratified_kfold(labels: torch.Tensor, folds: int, seed: int) -> list[torch.
 
 
 def pixel_stats(images: torch.Tensor) -> tuple[float, float]:
-    """Mean and std of pixel values scaled to [0, 1], computed in chunks to keep memory flat."""
-    total, total_sq, n = 0.0, 0.0, 0
-    for chunk in images.split(8192):
-        x = chunk.double().div_(255)
-        total += x.sum().item()
-        total_sq += x.square().sum().item()
-        n += x.numel()
-    mean = total / max(n, 1)
-    return mean, max(total_sq / max(n, 1) - mean * mean, 0.0) ** 0.5
+    """Mean and std of pixel values scaled to [0, 1]. Sums of uint8 values and their squares are exact in int64
+    (up to 2**63 / 255**2 pixels), so this is exact and takes one pass in chunks that keep memory flat."""
+    if images.dtype != torch.uint8:
+        images = images.mul(255).round().clamp(0, 255).to(torch.uint8)
+    total, total_sq, n = 0, 0, images.numel()
+    for chunk in images.reshape(-1).split(1 << 22):
+        wide = chunk.to(torch.int32)
+        total += int(wide.sum(dtype=torch.int64))
+        total_sq += int(wide.mul_(wide).sum(dtype=torch.int64))
+    if n == 0:
+        return 0.0, 0.0
+    mean = total / n / 255
+    return mean, max(total_sq / n / 255**2 - mean * mean, 0.0) ** 0.5
 
 
 def save_split(dataset: Dataset, data_dir: Path, split: str, compress: bool = True) -> list[Path]:

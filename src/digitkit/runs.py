@@ -20,13 +20,13 @@ from typing import Any
 
 import torch
 
-from digitkit import __version__, checkpoint, config, data, plots
+from digitkit import __version__, checkpoint, config, data
 from digitkit.config import Config
 from digitkit.errors import ConfigError, DataError
 from digitkit.evaluate import confusion_matrix, loss_and_accuracy, predict_logits
 from digitkit.idx import atomic_write_bytes
 from digitkit.models import count_macs, count_params, create_model
-from digitkit.train import LAST, Reporter, StepFn, fit, pick_device
+from digitkit.train import LAST, Reporter, StepFn, check_schedule, epoch_steps, fit, pick_device
 
 DEFAULT_ROOT = Path("runs")
 
@@ -115,6 +115,7 @@ def train_run(
         extra_sets = load_extra_sets(cfg, train_set)
         train_set = data.concat([train_set, *extra_sets])
         extra_images = sum(len(d) for d in extra_sets)
+    check_schedule(cfg.train, epoch_steps(len(train_set), cfg.train))
     resume_state = None
     if resume is not None:
         run_dir = Path(resume)
@@ -193,8 +194,11 @@ def finish_run(
         "digitkit": __version__,
         "python": platform.python_version(),
     }
-    plots.save_history(history, run_dir / "history.png", title=f"{cfg.model.name} ({run_dir.name})",
-                       checkpoint_epoch=summary["best_epoch"])  # fmt: skip
+    if cfg.train.plots:
+        from digitkit import plots  # matplotlib: imported only when drawing
+
+        plots.save_history(history, run_dir / "history.png", title=f"{cfg.model.name} ({run_dir.name})",
+                           checkpoint_epoch=summary["best_epoch"])  # fmt: skip
     if test_set is not None:
         model.to(device)
         test_logits = predict_logits(model, test_set.images, device=device)
@@ -203,8 +207,11 @@ def finish_run(
         cm = confusion_matrix(test_set.labels, test_preds, test_set.num_classes)
         summary.update(test_accuracy=test_acc, test_log_loss=test_loss,
                        test_errors=int((test_preds != test_set.labels).sum()))  # fmt: skip
-        plots.save_confusion(cm.numpy(), test_set.classes, run_dir / "confusion.png",
-                             title=f"{cfg.model.name} ({run_dir.name}): test set")  # fmt: skip
+        if cfg.train.plots:
+            from digitkit import plots
+
+            plots.save_confusion(cm.numpy(), test_set.classes, run_dir / "confusion.png",
+                                 title=f"{cfg.model.name} ({run_dir.name}): test set")  # fmt: skip
     atomic_write_bytes(run_dir / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
     return {"run_dir": str(run_dir), "finished": True, **summary}
 

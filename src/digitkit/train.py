@@ -23,6 +23,7 @@ from digitkit import checkpoint
 from digitkit.augment import AugmentConfig, augment_batch
 from digitkit.config import Config, TrainConfig
 from digitkit.data import Dataset
+from digitkit.errors import ConfigError
 from digitkit.evaluate import loss_and_accuracy, predict_logits
 from digitkit.idx import atomic_write_bytes
 from digitkit.models import DigitModel
@@ -89,9 +90,21 @@ def make_optimizer(params: Any, t: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, nesterov=t.momentum > 0, weight_decay=t.weight_decay)
 
 
+def check_schedule(t: TrainConfig, steps_per_epoch: int) -> None:
+    """Refuse a schedule the run is too short for (runs.train_run calls it before making the run folder)."""
+    total = t.epochs * steps_per_epoch
+    if t.schedule == "onecycle" and t.onecycle_pct_start * total <= 1:
+        raise ConfigError(
+            f"train.schedule = onecycle: {total} steps in all ({t.epochs} epochs x {steps_per_epoch} batches) "
+            f"leave no warm-up at onecycle_pct_start {t.onecycle_pct_start}; train for more steps (more epochs "
+            "or a smaller batch_size) or use schedule cosine"
+        )
+
+
 def make_schedule(opt: torch.optim.Optimizer, t: TrainConfig, steps_per_epoch: int) -> tuple[Any, str]:
     """(scheduler, when it steps: 'batch', 'epoch' or 'never')."""
     total = t.epochs * steps_per_epoch
+    check_schedule(t, steps_per_epoch)
     if t.schedule == "onecycle":
         sched = torch.optim.lr_scheduler.OneCycleLR(
             opt, max_lr=t.lr, total_steps=total, pct_start=t.onecycle_pct_start
@@ -130,20 +143,29 @@ def fit(
     device = pick_device(t.device)
     memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
     model.to(device=device, memory_format=memory_format)
-    steps_per_epoch = max(1, len(train_set) // t.batch_size)
+    steps_per_epoch = epoch_steps(len(train_set), t)
+    if device.type != "cpu":  # the whole uint8 set on the device once: no host-to-device copy per batch
+        train_set = Dataset(train_set.images.to(device), train_set.labels.to(device), train_set.classes)
     opt = make_optimizer(model.parameters(), t)
     sched, sched_every = make_schedule(opt, t, steps_per_epoch)
+    ema = make_ema(model, t.ema_decay)
     state = FitState()
     if resume is not None:
         model.load_state_dict(resume["state_dict"])
         opt.load_state_dict(resume["optimizer"])
         if sched is not None:
             sched.load_state_dict(resume["scheduler"])
+        if ema is not None:
+            ema.load_state_dict(resume["ema"])
         state = FitState(**resume["fit_state"])
-    autocast = _autocast(device, t.amp)
+    autocast, scaler = mixed_precision(device, t)
+    # torch.compile wraps the module; the weights stay shared, so checkpoints save `model` as usual.
+    net = torch.compile(model) if t.compile else model
+    # What validation, the checkpoints and (through them) the test figure measure: the weight average if kept.
+    measured = ema.module if ema is not None else model
 
     def plain_step(model: DigitModel, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> Any:
-        return train_step(model, opt, x, y, t.label_smoothing, autocast)
+        return train_step(net, opt, x, y, t.label_smoothing, autocast, scaler)
 
     optimizer_step = step_fn if step_fn is not None else plain_step
 
@@ -163,6 +185,8 @@ def fit(
             idx = perm[step * t.batch_size : (step + 1) * t.batch_size]
             x, y = load_batch(train_set, idx, cfg.augment, g, device, memory_format)
             loss, logits = optimizer_step(model, opt, x, y)
+            if ema is not None:
+                ema.update_parameters(model)
             if sched_every == "batch":
                 sched.step()
             loss_sum += loss * len(y)
@@ -173,7 +197,7 @@ def fit(
                 elapsed = time.perf_counter() - started
                 reporter.batch(step + 1, loss_sum.item() / seen, correct.item() / seen, seen / elapsed)
         train_seconds = time.perf_counter() - started
-        val_logits = predict_logits(model, val_set.images, t.eval_batch_size, device, t.channels_last)
+        val_logits = predict_logits(measured, val_set.images, t.eval_batch_size, device, t.channels_last)
         # The training objective on validation data (label smoothing included): with smoothing, the plain log
         # loss has a floor well above 0 and drifts up as the model sharpens, which would stop runs too early.
         val_loss, val_acc = loss_and_accuracy(val_logits, val_set.labels, t.label_smoothing)
@@ -192,7 +216,7 @@ def fit(
         }
         state.history.append(row)
         state.epoch = epoch
-        _update_best(state, model, row, run_dir, meta, t.checkpoint_metric)
+        _update_best(state, measured, row, run_dir, meta, t.checkpoint_metric)
         _update_early_stopping(state, val_loss, t.early_stopping_patience_epochs)
         write_metrics(run_dir / "metrics.csv", state.history)
         checkpoint.save(
@@ -202,6 +226,7 @@ def fit(
                 "kind": "resume",
                 "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict() if sched is not None else {},
+                "ema": ema.state_dict() if ema is not None else {},
                 "fit_state": vars(state),
             },
         )
@@ -210,6 +235,22 @@ def fit(
         if stop_after_epochs is not None and epochs_this_call >= stop_after_epochs:
             break
     return state
+
+
+def epoch_steps(n: int, t: TrainConfig) -> int:
+    """Batches per epoch: a full pass over n images (the last partial batch dropped), or t.steps_per_epoch if
+    that is fewer."""
+    full = max(1, n // t.batch_size)
+    return min(full, t.steps_per_epoch) if t.steps_per_epoch else full
+
+
+def make_ema(model: DigitModel, decay: float) -> Any:
+    """An exponential moving average of the weights and buffers (batch-norm statistics), or None if decay is 0."""
+    if not decay:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 def epoch_draws(seed: int, epoch: int, n: int) -> tuple[torch.Generator, torch.Tensor]:
@@ -252,14 +293,20 @@ def train_step(
     y: torch.Tensor,
     label_smoothing: float = 0.0,
     autocast: Any = None,
+    scaler: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step; returns (loss, logits), both detached."""
+    """One optimizer step; returns (loss, logits), both detached. `scaler` (a GradScaler) is for float16."""
     with autocast if autocast is not None else contextlib.nullcontext():
         logits = model(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
     opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
+    if scaler is None:
+        loss.backward()
+        opt.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
     return loss.detach(), logits.detach()
 
 
@@ -290,10 +337,16 @@ def _update_early_stopping(state: FitState, val_loss: float, patience_epochs: in
     state.stopped_early = patience_epochs > 0 and state.stale_epochs >= patience_epochs
 
 
-def _autocast(device: torch.device, amp: bool) -> Any:
-    if amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast(device.type, enabled=False)
+def mixed_precision(device: torch.device, t: TrainConfig) -> tuple[Any, Any]:
+    """(autocast context, GradScaler or None) for the device: bfloat16 on a GPU that has it, else float16 with a
+    loss scaler (float16 gradients underflow without one); bfloat16 on the CPU only if t.cpu_bf16."""
+    if device.type == "cuda" and t.amp:
+        if torch.cuda.is_bf16_supported():
+            return torch.autocast("cuda", dtype=torch.bfloat16), None
+        return torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
+    if device.type == "cpu" and t.cpu_bf16:
+        return torch.autocast("cpu", dtype=torch.bfloat16), None
+    return torch.autocast(device.type, enabled=False), None
 
 
 def write_metrics(path: Path, rows: list[dict[str, float]]) -> None:
