@@ -4,6 +4,7 @@ that leaves a resumable run, and multiprocessing that works under the spawn star
 import ast
 import io
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -213,7 +214,7 @@ def test_parallel_cv_under_the_spawn_start_method(tmp_path):
     data = make_idx_dir(tmp_path / "data", num_classes=3, n_train=120, n_test=15)
     out = tmp_path / "cv"
     argv = ["cv", "--data-dir", str(data), "--folds", "2", "--workers", "2", "--out", str(out), "--quiet",
-            "--set", "model.name=mlp", "--set", "train.epochs=1", "--set", "train.batch_size=32"]  # fmt: skip
+            "--set", "model.name=mlp", "--set", "train.epochs=1", "--set", "train.batch_size=8"]  # fmt: skip
     script = tmp_path / "user_script.py"
     script.write_text(
         "import multiprocessing\n"
@@ -228,3 +229,19 @@ def test_parallel_cv_under_the_spawn_start_method(tmp_path):
                           timeout=180)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "2-fold cross-validation" in done.stdout and (out / "fold-2" / "summary.json").is_file()
+
+
+def test_evaluate_shows_progress_weighted_by_work(capsys, tmp_path, tiny_dir):
+    from digitkit.evaluate import EvalOptions, work_plan
+
+    plan = work_plan(10_000, EvalOptions(adversarial_n=500), sigma=0.0, samples=8)
+    assert len(plan) == 1 + 1 + 15 + 1
+    assert plan["attacks"] > sum(v for k, v in plan.items() if k != "attacks")  # the attacks dominate, as measured
+    run = tmp_path / "run"
+    assert cli.main(["train", "--data-dir", str(tiny_dir), "--out", str(run), "--set", "model.name=mlp",
+                     "--set", "train.epochs=1", "--set", "train.batch_size=32", "--quiet"]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert cli.main(["evaluate", str(run), "--no-adversarial", "--progress"]) == 0
+    err = capsys.readouterr().err.replace("\r", "\n")
+    assert "evaluate: clean" in err and "evaluate: corruption zigzag" in err
+    assert re.search(r"evaluate: .*\[\d+:\d+<\d+:\d+\]", err)  # elapsed < remaining

@@ -121,6 +121,27 @@ class ConsoleReporter:
             self.bar = None
 
 
+class StageProgress:
+    """A bar over a long command's stages (digitkit evaluate: clean, corruptions, attacks), advanced by work done
+    rather than stages counted, so its ETA holds when one stage costs more than the rest together."""
+
+    def __init__(self, label: str, stream: Any = None):
+        self.label, self.stream, self.bar = label, stream or sys.stderr, None
+
+    def __call__(self, stage: str, done: float, total: float) -> None:
+        from tqdm import tqdm
+
+        desc = f"{self.label}: {stage}"
+        if self.bar is None:
+            self.bar = tqdm(total=total, desc=desc, leave=False, file=self.stream, dynamic_ncols=True, smoothing=0,
+                            bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]")  # fmt: skip
+        self.bar.set_description_str(desc, refresh=False)
+        self.bar.update(done - self.bar.n)
+        self.bar.refresh()  # stages are few and coarse: show each one, however quickly it passes
+        if stage == "done":
+            self.bar.close()
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from digitkit import config, runs
     from digitkit.train import SilentReporter
@@ -507,6 +528,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0, help="seeds corrupted copies, attacks and defence noise")
     ev.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)
     ev.add_argument("--json", action="store_true", help="print every figure as one JSON object")
+    ev.add_argument("--progress", action="store_true", help="show the progress bar (with ETA) even when not on a "
+                    "terminal")  # fmt: skip
     ev.set_defaults(func=cmd_evaluate)
 
     xp = sub.add_parser("explain", help="saliency, SmoothGrad, integrated gradients or Grad-CAM for one image")
@@ -711,9 +734,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         opts.defence_sigma = args.defence_sigma
     if args.threads:
         torch.set_num_threads(args.threads)
+    progress = StageProgress("evaluate") if sys.stderr.isatty() or args.progress else None
     ev = evaluate_model(opened.model, ds.images, ds.labels, ds.classes, opts, inference=cfg.inference,
                         augment_cfg=cfg.augment, history=opened.history, slices=slices,
-                        device=pick_device(cfg.train.device))  # fmt: skip
+                        device=pick_device(cfg.train.device), progress=progress)  # fmt: skip
     base = opened.run_dir if opened.run_dir is not None else opened.checkpoint_path.parent
     out = Path(args.out) if args.out else base / "eval" / args.split
     name = opened.run_dir.name if opened.run_dir is not None else opened.checkpoint_path.name

@@ -5,6 +5,7 @@ slices, diagnosis). Nothing here writes files or prints; report.py does."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -146,6 +147,28 @@ class Evaluation:
     groups: list[dict[str, Any]] = field(default_factory=list)
 
 
+ProgressFn = Callable[[str, float, float], None]
+"""Called as (stage starting, work done, work in all) before each stage and ("done", all, all) at the end."""
+
+
+def work_plan(n: int, opts: EvalOptions, sigma: float, samples: int) -> dict[str, float]:
+    """Each stage's cost in forward passes over one image (a backward pass counted as two), so a progress bar's
+    ETA weighs the attacks, which take most of a full evaluation, by what they really cost."""
+    from digitkit.corruptions import CORRUPTIONS
+
+    one_pass = n * (samples if sigma > 0 else 1)
+    plan = {"clean": float(one_pass)}
+    if opts.augmented:
+        plan["augmented copy"] = float(one_pass)
+    if opts.corruptions:
+        plan.update({f"corruption {name}": float(one_pass) for name in CORRUPTIONS})
+    if opts.adversarial and opts.adversarial_n > 0:
+        noise_samples = samples if sigma > 0 else opts.defence_samples
+        per_eps = (3 + 1) + (3 * opts.pgd_steps + 1)  # FGSM and PGD (forward + backward per step), then the answer
+        plan["attacks"] = float(min(opts.adversarial_n, n) * len(opts.epsilons) * per_eps * (1 + noise_samples))
+    return plan
+
+
 def evaluate_model(
     model: nn.Module,
     images: torch.Tensor,
@@ -157,12 +180,13 @@ def evaluate_model(
     history: list[dict[str, float]] | None = None,
     slices: dict[str, torch.Tensor] | None = None,
     device: torch.device | str = "cpu",
+    progress: ProgressFn | None = None,
 ) -> Evaluation:
     """Measure a model on (images (N, 1, H, W) uint8, labels (N,)): no files, no printing (report.py writes).
 
     `inference` is the run's InferenceConfig (noise defence, rejection threshold); `augment_cfg` its training
     recipe; `history` its metrics.csv rows (for the diagnosis); `slices` named index sets (MNIST's two writer
-    populations).
+    populations); `progress` hears of each stage (see ProgressFn and work_plan).
     """
     from digitkit import metrics
 
@@ -170,6 +194,16 @@ def evaluate_model(
     model.eval().to(device)
     sigma = float(getattr(inference, "noise_defence_sigma", 0.0))
     samples = int(getattr(inference, "noise_defence_samples", 8))
+    plan = work_plan(len(labels), opts, sigma, samples)
+    total, done = sum(plan.values()), 0.0
+
+    def stage(name: str) -> None:
+        nonlocal done
+        if progress is not None:
+            progress(name, done, total)
+        done += plan[name]
+
+    stage("clean")
     probs = predict_probs(model, images, sigma, samples, opts.seed, device=device)
     preds = probs.argmax(1)
     cm = confusion_matrix(labels, preds, len(classes))
@@ -196,6 +230,7 @@ def evaluate_model(
         from digitkit import augment
 
         cfg = augment_cfg if augment_cfg is not None and augment_cfg.enabled else augment.load_recipe("standard")
+        stage("augmented copy")
         x_aug = augment.augmented_copy(images, cfg, opts.seed)
         acc = accuracy(predict_probs(model, x_aug, sigma, samples, opts.seed, device=device), labels)
         robust["augmented"] = acc
@@ -204,6 +239,7 @@ def evaluate_model(
         from digitkit.corruptions import CORRUPTIONS, corrupt
 
         for name in CORRUPTIONS:
+            stage(f"corruption {name}")
             x_c = corrupt(images, name, seed=opts.seed)
             robust[name] = accuracy(predict_probs(model, x_c, sigma, samples, opts.seed, device=device), labels)
         results["corruption_summary"] = metrics.summarize_robustness({k: robust[k] for k in CORRUPTIONS})
@@ -216,6 +252,7 @@ def evaluate_model(
         # A seeded, class-stratified sample: the held-out side of a stratified split.
         idx = torch.arange(len(labels)) if n == len(labels) else stratified_split(labels, n / len(labels), opts.seed)[1]
         defence, defence_samples = (sigma, samples) if sigma > 0 else (opts.defence_sigma, opts.defence_samples)
+        stage("attacks")
         model.cpu()
         results["adversarial"] = robustness_curves(
             model, images[idx], labels[idx], epsilons=opts.epsilons, attacks=("fgsm", "pgd"),
@@ -224,5 +261,7 @@ def evaluate_model(
         )  # fmt: skip
         model.to(device)
     results["seconds"] = round(time.perf_counter() - started, 2)
+    if progress is not None:
+        progress("done", total, total)
     return Evaluation(results=results, probs=probs, confusion=cm, groups=groups)
 
