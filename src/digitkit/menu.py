@@ -262,10 +262,9 @@ def first_comment(path: Path) -> str:
 
 
 def recent_runs(limit: int = 6) -> list[Path]:
-    """Run folders under ./runs with a best checkpoint, newest first."""
-    if not RUNS_ROOT.is_dir():
-        return []
-    found = [p for p in RUNS_ROOT.iterdir() if p.is_dir() and not p.is_symlink() and any(p.glob("best-*.pt"))]
+    """Run folders under ./runs (and ./runs/compare) with a best checkpoint, newest first."""
+    folders = [f for f in (RUNS_ROOT, RUNS_ROOT / "compare") if f.is_dir()]
+    found = [p for f in folders for p in f.iterdir() if p.is_dir() and not p.is_symlink() and any(p.glob("best-*.pt"))]
     return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)[:limit]
 
 
