@@ -66,3 +66,18 @@ def test_unknown_model_and_option():
         create_model("resnet9")
     with pytest.raises(ConfigError, match="model 'cnn3' has no option 'width'; its options are: channels="):
         create_model("cnn3", width=2)
+
+
+def test_cnn_fast_reads_the_image_less_its_border():
+    torch.manual_seed(0)
+    m = create_model("cnn_fast").eval()
+    x = torch.rand(3, 1, 28, 28)
+    framed = x.clone()
+    framed[..., :2, :] = framed[..., -2:, :] = framed[..., :, :2] = framed[..., :, -2:] = 1.0
+    assert torch.equal(m(x), m(framed))  # the 2-px frame is dropped before anything else
+    inner = x.clone()
+    inner[..., 14, 14] += 1.0
+    assert not torch.equal(m(x), m(inner))
+    assert count_macs(m) == 24 * 24 * 16 * 9 + 12 * 12 * 32 * 16 * 9 + 6 * 6 * 64 * 32 * 9 + 64 * 9 * 10
+    with pytest.raises(ConfigError, match="border"):
+        create_model("cnn_fast", border=14)

@@ -36,9 +36,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
-from scipy import ndimage
 
 from digitkit.errors import ConfigError, DataError
+
+
+@functools.cache
+def _ndimage() -> Any:
+    """scipy.ndimage, imported on first use: it costs about 0.3 s, and the config (hence every command) imports
+    this module for PreprocessConfig."""
+    from scipy import ndimage
+
+    return ndimage
 
 POLARITIES = ("auto", "dark-on-light", "light-on-dark")
 THRESHOLDS = ("otsu", "adaptive", "none")
@@ -378,7 +386,7 @@ def _ink(gray: np.ndarray, cfg: PreprocessConfig) -> tuple[np.ndarray, np.ndarra
         return *empty, record
 
     # Hysteresis: faint parts of a stroke (weak) count when they touch a clearly inked pixel (strong).
-    labels, n = ndimage.label(f > t_low, structure=np.ones((3, 3), bool))
+    labels, n = _ndimage().label(f > t_low, structure=np.ones((3, 3), bool))
     keep, area, boxes = _keep_components(labels, n, strong, cfg, record)
     if not keep.any():
         record["rejected"] = "no-ink"
@@ -526,7 +534,7 @@ def _thresholds(f: np.ndarray, med: float, sigma: float, cfg: PreprocessConfig) 
     t_low = max(med + 2.0 * sigma, 0.5 * t_otsu)
     if cfg.threshold == "otsu":
         return t_otsu, t_low
-    local = ndimage.uniform_filter(f, cfg.adaptive_block, mode="nearest")
+    local = _ndimage().uniform_filter(f, cfg.adaptive_block, mode="nearest")
     offset = max(3.0 * sigma, 0.05)
     return np.maximum(local + offset, max(noise_floor, med + 0.02)), max(med + 2.0 * sigma, med + 0.01)
 
@@ -555,7 +563,7 @@ def _keep_components(labels: np.ndarray, n: int, strong: np.ndarray, cfg: Prepro
     area = np.bincount(labels.ravel(), minlength=n + 1)
     if n == 0:
         return keep, area, []
-    boxes = ndimage.find_objects(labels)
+    boxes = _ndimage().find_objects(labels)
     has_strong = np.bincount(labels[strong], minlength=n + 1) > 0
     has_strong[0] = False
     keep[:] = has_strong
@@ -632,7 +640,7 @@ def _normalize(crop: np.ndarray, cfg: PreprocessConfig) -> tuple[np.ndarray, dic
         for _ in range(3):
             pad = math.ceil(radius) + 1
             yy, xx = np.mgrid[-pad : pad + 1, -pad : pad + 1]
-            digit = _to_box(ndimage.grey_dilation(np.pad(g, pad), footprint=xx**2 + yy**2 <= radius**2), cfg.box)
+            digit = _to_box(_ndimage().grey_dilation(np.pad(g, pad), footprint=xx**2 + yy**2 <= radius**2), cfg.box)
             achieved = stroke_width(digit >= 0.5)
             if achieved >= MNIST_STROKE_PX - 0.2:
                 break
@@ -719,7 +727,7 @@ def deskew(image: np.ndarray, max_shear: float = 1.0) -> tuple[np.ndarray, float
     # Output (r, c) samples the input at (r - h/2 + cy, c - w/2 + cx + alpha (r - h/2)).
     matrix = np.array([[1.0, 0.0], [alpha, 1.0]])
     offset = np.array([cy, cx]) - matrix @ np.array([h / 2, w / 2])
-    out = ndimage.affine_transform(a, matrix, offset=offset, order=1, mode="grid-constant", cval=0.0)
+    out = _ndimage().affine_transform(a, matrix, offset=offset, order=1, mode="grid-constant", cval=0.0)
     return out.astype(np.float32), alpha
 
 

