@@ -26,7 +26,7 @@ from digitkit.errors import ConfigError, DataError
 from digitkit.evaluate import confusion_matrix, loss_and_accuracy, predict_logits
 from digitkit.idx import atomic_write_bytes
 from digitkit.models import count_macs, count_params, create_model
-from digitkit.train import LAST, Reporter, StepFn, check_schedule, epoch_steps, fit, pick_device
+from digitkit.train import LAST, Reporter, StepFn, fit, pick_device
 
 DEFAULT_ROOT = Path("runs")
 
@@ -115,7 +115,6 @@ def train_run(
         extra_sets = load_extra_sets(cfg, train_set)
         train_set = data.concat([train_set, *extra_sets])
         extra_images = sum(len(d) for d in extra_sets)
-    check_schedule(cfg.train, epoch_steps(len(train_set), cfg.train))
     resume_state = None
     if resume is not None:
         run_dir = Path(resume)

@@ -23,7 +23,6 @@ from digitkit import checkpoint
 from digitkit.augment import AugmentConfig, augment_batch
 from digitkit.config import Config, TrainConfig
 from digitkit.data import Dataset
-from digitkit.errors import ConfigError
 from digitkit.evaluate import loss_and_accuracy, predict_logits
 from digitkit.idx import atomic_write_bytes
 from digitkit.models import DigitModel
@@ -90,27 +89,17 @@ def make_optimizer(params: Any, t: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, nesterov=t.momentum > 0, weight_decay=t.weight_decay)
 
 
-def check_schedule(t: TrainConfig, steps_per_epoch: int) -> None:
-    """Refuse a schedule the run is too short for (runs.train_run calls it before making the run folder)."""
-    total = t.epochs * steps_per_epoch
-    if t.schedule == "onecycle" and t.onecycle_pct_start * total <= 1:
-        raise ConfigError(
-            f"train.schedule = onecycle: {total} steps in all ({t.epochs} epochs x {steps_per_epoch} batches) "
-            f"leave no warm-up at onecycle_pct_start {t.onecycle_pct_start}; train for more steps (more epochs "
-            "or a smaller batch_size) or use schedule cosine"
-        )
-
-
 def make_schedule(opt: torch.optim.Optimizer, t: TrainConfig, steps_per_epoch: int) -> tuple[Any, str]:
     """(scheduler, when it steps: 'batch', 'epoch' or 'never')."""
     total = t.epochs * steps_per_epoch
-    check_schedule(t, steps_per_epoch)
-    if t.schedule == "onecycle":
+    if t.schedule == "onecycle" and t.onecycle_pct_start * total > 1:
         sched = torch.optim.lr_scheduler.OneCycleLR(
             opt, max_lr=t.lr, total_steps=total, pct_start=t.onecycle_pct_start
         )
         return sched, "batch"
-    if t.schedule == "cosine":
+    if t.schedule in ("cosine", "onecycle"):
+        # onecycle lands here only when the run is too short for one warm-up step (OneCycleLR would divide by zero
+        # at exactly one): it anneals from the peak instead.
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total), "batch"
     if t.schedule == "plateau":
         sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
