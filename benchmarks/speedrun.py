@@ -9,6 +9,11 @@ One warm-up process runs first (not counted) so the page cache holds the interpr
 any machine that has run digitkit before; the uncompressed-data cache (~/.cache/digitkit) is warmed by it too.
 
     python benchmarks/speedrun.py [--config configs/fast.yaml] [--seeds 0 1 2 3 4] [--set KEY=VALUE] [--out FILE]
+    python benchmarks/speedrun.py --probe    # the techniques one at a time, seed 0: validation accuracy and time
+
+--probe runs the config once per variant (the recipe as is, then one change each: bfloat16 autocast on the CPU,
+torch.compile, no channels_last, one thread, the standard (NCHW Conv-BN-ReLU-Pool) cnn3_slim, deskew off) and
+reports validation accuracy, training seconds and whole-process seconds; choices are made on validation only.
 """
 
 from __future__ import annotations
@@ -55,13 +60,45 @@ def cpu_info() -> dict[str, object]:
     return info
 
 
+PROBES = {
+    "recipe as is": [],
+    "cpu_bf16 autocast": ["train.cpu_bf16=true"],
+    "torch.compile": ["train.compile=true"],
+    "channels_last off": ["train.channels_last=false"],
+    "1 thread": ["train.threads=1"],
+    "cnn3_slim (Conv-BN-ReLU-Pool, full image)": ["model.name=cnn3_slim"],
+    "deskew off": ["preprocess.deskew=false"],
+}
+
+
+def probe(config: str, overrides: list[str], out: Path | None) -> None:
+    rows = []
+    print(f"{'variant':44s} {'val %':>7s} {'train s':>8s} {'wall s':>7s}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (name, extra) in enumerate(PROBES.items()):
+            sets = [x for kv in [*overrides, *extra] for x in ("--set", kv)]
+            wall, _ = timed([*DIGITKIT, "train", "--config", config, *sets, "--out", f"{tmp}/{i}", "--quiet"])
+            s = json.loads((Path(tmp) / str(i) / "summary.json").read_text())
+            rows.append({"variant": name, "overrides": extra, "val_accuracy": s["val_accuracy"],
+                         "train_seconds": s["train_seconds"], "wall_seconds": round(wall, 2)})  # fmt: skip
+            print(f"{name:44s} {100 * s['val_accuracy']:>7.2f} {s['train_seconds']:>8.2f} {wall:>7.2f}", flush=True)
+    result = {"benchmark": "speedrun-probe", "config": config, "overrides": overrides,
+              "date": time.strftime("%Y-%m-%d %H:%M:%S"), "seed": 0, "cpu": cpu_info(), "variants": rows}  # fmt: skip
+    path = out or ROOT / "benchmarks" / "results" / f"speedrun-probe-{Path(config).stem}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="configs/fast.yaml")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", help="JSON file (default: benchmarks/results/speedrun-<config name>.json)")
+    p.add_argument("--probe", action="store_true", help="one run per technique variant instead of the seeds")
     args = p.parse_args()
+    if args.probe:
+        return probe(args.config, args.set, Path(args.out) if args.out else None)
 
     name = Path(args.config).stem
     overrides = [x for kv in args.set for x in ("--set", kv)]
