@@ -698,6 +698,8 @@ def build_parser() -> argparse.ArgumentParser:
     cd.add_argument("run", metavar="RUN", help="run folder or checkpoint file")
     cd.add_argument("--out", help="file to write (default RUN/MODEL_CARD.md)")
     cd.set_defaults(func=cmd_card)
+    # --- tune parser (anchor: owned by the scale-out work)
+    add_tune(sub)
     # --- menu and completion parser (anchor: owned by the menu work)
     add_menu_and_completion(sub)
     add_examples(p)
@@ -1255,6 +1257,149 @@ def cmd_card(args: argparse.Namespace) -> int:
     path = card.write_card(args.run, args.out)
     print(f"wrote {path}")
     return 0
+
+
+# --- tune commands (anchor: owned by the scale-out work)
+TUNE_EPILOG = """\
+Each trial is a run folder under runs/tune/<study>/ scored on validation data (the config's hold-out, or k-fold
+with objective: cv in the space file); the test files are never read. --trials is the study's total: start the
+same command on several machines (--storage postgresql://...) or several times on one (add --set train.threads=1)
+and the workers share the trials. The best config is written to runs/tune/<study>/best.yaml.
+
+examples:
+  digitkit tune --config configs/default.yaml --space configs/space.yaml --trials 20 --set train.epochs=3
+  digitkit tune --config configs/edge.yaml --space configs/space.yaml --trials 40 --storage postgresql://db/optuna
+  digitkit tune --report --study default
+  digitkit train --config runs/tune/default/best.yaml"""
+
+
+def add_tune(sub: Any) -> None:
+    tn = sub.add_parser("tune", help="hyperparameter search with Optuna (pruning, shared studies, best config)",
+                        description="Search a space of hyperparameters (configs/space.yaml) around a training config "
+                        "with Optuna: median pruning on each epoch's validation accuracy, a study in SQLite or "
+                        "PostgreSQL that several workers share, and the best config as YAML.",
+                        epilog=TUNE_EPILOG)  # fmt: skip
+    tn.add_argument("--config", help="base training config (default: built-in defaults)")
+    tn.add_argument("--space", help="search space YAML (configs/space.yaml is an example)")
+    tn.add_argument("--trials", type=_positive, help="trials in the study, over all workers sharing it")
+    tn.add_argument("--study", help="study name (default: the config's file name, e.g. default)")
+    tn.add_argument("--storage", metavar="URL", help="SQLite file or URL, or postgresql://user:password@host/db "
+                    "(default: runs/tune/<study>.db)")  # fmt: skip
+    tn.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a base config key")
+    tn.add_argument("--data-dir", help="folder with the IDX files (default: the config's data.dir)")
+    tn.add_argument("--out", help="folder for trial runs, best.yaml and the report (default: runs/tune/<study>)")
+    tn.add_argument("--report", action="store_true", help="print the best trials and parameter importances, save "
+                    "plots and best.yaml, and run no trials")  # fmt: skip
+    tn.add_argument("--top", type=_positive, default=5, help="trials listed by --report (default 5)")
+    tn.add_argument("--runs-root", default="runs", help=argparse.SUPPRESS)
+    tn.add_argument("--quiet", action="store_true", help="no epoch or trial lines")
+    tn.add_argument("--progress", action="store_true", help="progress bars even when not on a terminal")
+    tn.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    tn.set_defaults(func=cmd_tune)
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from digitkit import config, tune
+    from digitkit.errors import DataError
+
+    root = Path(args.runs_root) / "tune"
+    if args.report:
+        if args.space or args.trials:
+            raise ConfigError("--report summarizes a study and runs no trials; drop --space and --trials, or drop "
+                              "--report to run trials")  # fmt: skip
+        name = args.study or (Path(args.config).stem if args.config else "")
+        if not name:
+            raise ConfigError("--report needs the study: --study NAME (or the --config it was started with)")
+        default_db = root / f"{name}.db"
+        if not args.storage and not default_db.is_file():
+            raise DataError(f"{default_db}: no study database; run trials first (digitkit tune --config C --space S "
+                            "--trials N) or give --storage")  # fmt: skip
+        study = tune.open_study(name, tune.storage_url(args.storage, default_db))
+        result = tune.report(study, Path(args.out) if args.out else root / name, top=args.top)
+        if args.json:
+            print(json.dumps(result))
+        else:
+            print(tune_report_text(result))
+        return 0
+    if not args.space or not args.trials:
+        raise ConfigError("digitkit tune needs --space FILE and --trials N to run trials (or --report to summarize "
+                          "a study); configs/space.yaml is an example space")  # fmt: skip
+    cfg = config.load(args.config, (args.set or []) + ([f"data.dir={args.data_dir}"] if args.data_dir else []))
+    space = tune.load_space(args.space, cfg)
+    name = args.study or (Path(args.config).stem if args.config else "defaults")
+    url = tune.storage_url(args.storage, root / f"{name}.db")
+    out = Path(args.out) if args.out else root / name
+    _quiet_optuna()
+    current: list[ConsoleReporter] = []
+
+    def reporter_factory(label: str) -> ConsoleReporter:
+        while current:  # a pruned trial leaves its bar open
+            current.pop().close()
+        current.append(ConsoleReporter(bar=sys.stderr.isatty() or args.progress, label=label))
+        return current[-1]
+
+    def on_trial(study: Any, trial: Any) -> None:
+        best = tune.best_trial(study)
+        value = f"{100 * trial.value:.2f}%" if trial.value is not None else "-"
+        params = ", ".join(f"{k}={_short(v)}" for k, v in trial.params.items())
+        line = f"trial {trial.number} {trial.state.name.lower()}: validation {value} ({params})"
+        if best is not None:
+            line += f"; best so far: trial {best.number}, {100 * best.value:.2f}%"
+        print(line, file=sys.stderr, flush=True)
+
+    try:
+        result = tune.run_study(cfg, space, name, url, args.trials, out,
+                                reporter_factory=None if args.quiet else reporter_factory,
+                                on_trial=None if args.quiet else on_trial)  # fmt: skip
+    finally:
+        while current:
+            current.pop().close()
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"study {result['study']} ({result['storage']}): {result['trials']} trials, {result['complete']} complete, "
+          f"{result['pruned']} pruned, {result['fail']} failed, {result['running']} running")
+    best = result["best"]
+    if best is None:
+        print("no trial has finished yet, so there is no best config")
+    else:
+        params = ", ".join(f"{k}={_short(v)}" for k, v in best["params"].items())
+        print(f"best: trial {best['trial']}, validation accuracy {100 * best['value']:.2f}% ({params})")
+        print(f"wrote {best['config']}; train it with: digitkit train --config {best['config']}")
+    return 0
+
+
+def tune_report_text(r: dict[str, Any]) -> str:
+    lines = [f"study {r['study']}: {r['trials']} trials ({r['complete']} complete, {r['pruned']} pruned, "
+             f"{r['fail']} failed, {r['running']} running)"]  # fmt: skip
+    if r["best_trials"]:
+        keys = list(r["best_trials"][0]["params"])
+        lines += ["", "best trials by validation accuracy (the test set is never used):",
+                  "  trial  val acc  " + "  ".join(keys)]  # fmt: skip
+        for row in r["best_trials"]:
+            cells = "  ".join(f"{_short(row['params'].get(k)):>{len(k)}}" for k in keys)
+            lines.append(f"  {row['trial']:>5}  {100 * row['value']:6.2f}%  {cells}")
+    else:
+        lines.append("no finished trials yet")
+    lines += ["", f"parameter importances ({r['importance_note']}):" if r["importances"] else r["importance_note"]]
+    for k, v in (r["importances"] or {}).items():
+        lines.append(f"  {k:<28} {v:5.2f}  {'#' * round(40 * v)}")
+    if r["plots"]:
+        lines += ["", "plots: " + ", ".join(r["plots"])]
+    if r["best"]:
+        lines.append(f"best config (trial {r['best']['trial']}): {r['best']['config']}")
+    return "\n".join(lines)
+
+
+def _short(v: Any) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def _quiet_optuna() -> None:
+    """Optuna logs every trial at INFO; the command prints its own line per trial."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 # --- menu and completion (anchor: owned by the menu work)

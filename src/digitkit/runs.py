@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from digitkit import __version__, checkpoint, config, data
+from digitkit import __version__, checkpoint, config, data, distributed
 from digitkit.config import Config
 from digitkit.errors import ConfigError, DataError
 from digitkit.evaluate import confusion_matrix, loss_and_accuracy, predict_logits
@@ -106,6 +106,10 @@ def train_run(
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     started = time.perf_counter()
+    # Under torchrun: join its process group (distributed.py); rank 0 alone makes and writes the run folder.
+    world = distributed.init_from_env(pick_device(cfg.train.device))
+    if not world.is_main:
+        reporter = None
     # Data first: a missing or corrupt file must fail before a run folder (and runs/latest) is made.
     extra_images = 0
     if datasets is not None:
@@ -115,20 +119,23 @@ def train_run(
         extra_sets = load_extra_sets(cfg, train_set)
         train_set = data.concat([train_set, *extra_sets])
         extra_images = sum(len(d) for d in extra_sets)
+    distributed.check_launch(cfg.train.batch_size, world, custom_step=step_fn is not None)
     resume_state = None
     if resume is not None:
         run_dir = Path(resume)
         if not (run_dir / LAST).is_file():
             raise DataError(f"{run_dir}: nothing to resume (no {LAST}); start a new run instead")
         resume_state = checkpoint.load(run_dir / LAST)
-    else:
+        distributed.check_resume(resume_state, world, run_dir)
+    elif world.is_main:
         run_dir = Path(out) if out is not None else new_run_dir(root, cfg.model.name)
         run_dir.mkdir(parents=True, exist_ok=True)
         if (run_dir / LAST).exists():
             raise ConfigError(f"{run_dir} already holds a run; use --resume {run_dir} or another --out")
         config.save(cfg, run_dir / "config.yaml")
-    if out is None and resume is None and point_latest_link:
+    if out is None and resume is None and point_latest_link and world.is_main:
         point_latest(root, run_dir)
+    run_dir = distributed.broadcast(run_dir if world.is_main else None, world)
 
     mean, std = data.pixel_stats(train_set.images)
     in_chans, img_size = train_set.images.shape[1], train_set.images.shape[2]
@@ -148,8 +155,11 @@ def train_run(
     state = fit(cfg, model, train_set, val_set, run_dir, meta, reporter, resume_state, stop_after_epochs, step_fn)
     if stop_after_epochs is not None and state.epoch < cfg.train.epochs and not state.stopped_early:
         return {"run_dir": str(run_dir), "epochs": state.epoch, "finished": False}
-    return finish_run(cfg, run_dir, state.history, val_set, test_set, time.perf_counter() - started,
-                      stopped_early=state.stopped_early, extra_training_images=extra_images)  # fmt: skip
+    summary = None
+    if world.is_main:  # the other ranks return rank 0's summary
+        summary = finish_run(cfg, run_dir, state.history, val_set, test_set, time.perf_counter() - started,
+                             stopped_early=state.stopped_early, extra_training_images=extra_images)  # fmt: skip
+    return distributed.broadcast(summary, world)
 
 
 def finish_run(
@@ -187,6 +197,7 @@ def finish_run(
         "augment_enabled": cfg.augment.enabled,
         "extra_training_images": extra_training_images,
         "seed": cfg.seed,
+        "processes": distributed.world().size,
         "device": str(device),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
-from digitkit import checkpoint
+from digitkit import checkpoint, distributed
 from digitkit.augment import AugmentConfig, augment_batch
 from digitkit.config import Config, TrainConfig
 from digitkit.data import Dataset
@@ -129,6 +129,8 @@ def fit(
     """
     t = cfg.train
     reporter = reporter or SilentReporter()
+    world = distributed.world()  # one process unless launched by torchrun (see distributed.py)
+    batch_size = t.batch_size // world.size  # images per step on this process; the config's batch is global
     device = pick_device(t.device)
     memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
     model.to(device=device, memory_format=memory_format)
@@ -149,7 +151,8 @@ def fit(
         state = FitState(**resume["fit_state"])
     autocast, scaler = mixed_precision(device, t)
     # torch.compile wraps the module; the weights stay shared, so checkpoints save `model` as usual.
-    net = torch.compile(model) if t.compile else model
+    net = distributed.wrap(model, device, world)  # DDP averages the gradients over processes
+    net = torch.compile(net) if t.compile else net
     # What validation, the checkpoints and (through them) the test figure measure: the weight average if kept.
     measured = ema.module if ema is not None else model
 
@@ -165,13 +168,16 @@ def fit(
         started = time.perf_counter()
         g, perm = epoch_draws(cfg.seed, epoch, len(train_set))
         torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout
+        if world.size > 1:  # this rank's shard of the shuffle, and its own augmentation and dropout draws
+            g, perm = distributed.rank_draws(cfg.seed, epoch, perm, world)
+            distributed.log_shard(epoch, perm[: steps_per_epoch * batch_size], len(perm), world)
         model.train()
         reporter.epoch_start(epoch, t.epochs, steps_per_epoch)
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         seen = 0
         for step in range(steps_per_epoch):
-            idx = perm[step * t.batch_size : (step + 1) * t.batch_size]
+            idx = perm[step * batch_size : (step + 1) * batch_size]
             x, y = load_batch(train_set, idx, cfg.augment, g, device, memory_format)
             loss, logits = optimizer_step(model, opt, x, y)
             if ema is not None:
@@ -186,17 +192,21 @@ def fit(
                 elapsed = time.perf_counter() - started
                 reporter.batch(step + 1, loss_sum.item() / seen, correct.item() / seen, seen / elapsed)
         train_seconds = time.perf_counter() - started
-        val_logits = predict_logits(measured, val_set.images, t.eval_batch_size, device, t.channels_last)
+        distributed.sync_buffers(measured, world)  # one model on every rank: rank 0's batch-norm statistics
+        val_part = distributed.shard_dataset(val_set, world)  # all of it in a single process
+        val_logits = predict_logits(measured, val_part.images, t.eval_batch_size, device, t.channels_last)
         # The training objective on validation data (label smoothing included): with smoothing, the plain log
         # loss has a floor well above 0 and drifts up as the model sharpens, which would stop runs too early.
-        val_loss, val_acc = loss_and_accuracy(val_logits, val_set.labels, t.label_smoothing)
+        val_loss, val_acc = loss_and_accuracy(val_logits, val_part.labels, t.label_smoothing)
+        val_loss, val_acc = distributed.mean_over_ranks([val_loss, val_acc], len(val_part), world)
+        loss_total, correct_total, seen = distributed.sum_over_ranks([loss_sum.item(), correct.item(), seen], world)
         lr = opt.param_groups[0]["lr"]
         if sched_every == "epoch":
             sched.step(val_loss)
         row = {
             "epoch": epoch,
-            "train_loss": loss_sum.item() / seen,
-            "train_acc": correct.item() / seen,
+            "train_loss": loss_total / seen,
+            "train_acc": correct_total / seen,
             "val_loss": val_loss,
             "val_acc": val_acc,
             "lr": lr,
@@ -205,20 +215,23 @@ def fit(
         }
         state.history.append(row)
         state.epoch = epoch
-        _update_best(state, measured, row, run_dir, meta, t.checkpoint_metric)
         _update_early_stopping(state, val_loss, t.early_stopping_patience_epochs)
-        write_metrics(run_dir / "metrics.csv", state.history)
-        checkpoint.save(
-            run_dir / LAST,
-            {
-                **checkpoint.model_payload(model, meta),
-                "kind": "resume",
-                "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict() if sched is not None else {},
-                "ema": ema.state_dict() if ema is not None else {},
-                "fit_state": vars(state),
-            },
-        )
+        state.stopped_early = distributed.broadcast(state.stopped_early, world)  # rank 0 decides for all
+        if world.is_main:  # every rank holds the same weights and history; only rank 0 writes
+            _update_best(state, measured, row, run_dir, meta, t.checkpoint_metric)
+            write_metrics(run_dir / "metrics.csv", state.history)
+            checkpoint.save(
+                run_dir / LAST,
+                {
+                    **checkpoint.model_payload(model, meta),
+                    "kind": "resume",
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict() if sched is not None else {},
+                    "ema": ema.state_dict() if ema is not None else {},
+                    "fit_state": vars(state),
+                    "world_size": world.size,
+                },
+            )
         reporter.epoch_end(row)
         epochs_this_call += 1
         if stop_after_epochs is not None and epochs_this_call >= stop_after_epochs:
