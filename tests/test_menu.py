@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from digitkit import data
+from digitkit.models import list_models
 
 from .conftest import ROOT
 
@@ -137,7 +138,8 @@ def test_menu_trains_remembers_the_run_evaluates_and_predicts(workdir, tiny_dir,
     screen.wait(r"Which recipe \(training config\)\?")
     screen.keys(ENTER)  # configs/compare-depth.yaml is a comparison file: not offered; default.yaml comes first
     screen.wait(r"Which model\?")
-    screen.keys("8", ENTER)  # mlp, by number
+    mlp = list_models().index("mlp")  # by its number, or by arrows if the list outgrows 9
+    screen.keys(*([str(mlp + 1)] if mlp < 9 else [DOWN] * mlp), ENTER)
     screen.wait("data folder:")
     screen.answer(str(tiny_dir))
     screen.wait("epochs:")
