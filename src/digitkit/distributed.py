@@ -18,12 +18,14 @@ code it runs without this module. With N processes:
 from __future__ import annotations
 
 import atexit
+import contextlib
 import hashlib
 import ipaddress
 import json
 import os
 import socket
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -32,7 +34,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from digitkit.errors import ConfigError
+from digitkit.errors import ConfigError, DigitkitError
 
 SHARD_LOG_ENV = "DIGITKIT_SHARD_LOG"
 """A folder: each rank appends the images it trained on per epoch to shards-rank<R>.jsonl (tests, debugging)."""
@@ -263,7 +265,8 @@ def sum_over_ranks(values: list[float], world: World) -> list[float]:
     if world.size == 1:
         return values
     t = torch.tensor(values, dtype=torch.float64, device=_collective_device())
-    dist.all_reduce(t)
+    with _peer_failures(world):
+        dist.all_reduce(t)
     return t.tolist()
 
 
@@ -280,8 +283,20 @@ def broadcast(obj: Any, world: World) -> Any:
     if world.size == 1:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0, device=_collective_device())
+    with _peer_failures(world):
+        dist.broadcast_object_list(box, src=0, device=_collective_device())
     return box[0]
+
+
+@contextlib.contextmanager
+def _peer_failures(world: World) -> Iterator[None]:
+    """A rank that stopped (rank 0 refusing an existing --out, say) breaks the others' collectives: say so in one
+    line instead of gloo's traceback; the stopped rank has printed the reason."""
+    try:
+        yield
+    except RuntimeError as e:
+        raise DigitkitError(f"rank {world.rank}: another training process stopped (its error is printed above: "
+                            f"fix that and launch again) [{str(e).splitlines()[0][:200]}]") from None  # fmt: skip
 
 
 def _collective_device() -> torch.device:
