@@ -1373,12 +1373,15 @@ def tune_report_text(r: dict[str, Any]) -> str:
     lines = [f"study {r['study']}: {r['trials']} trials ({r['complete']} complete, {r['pruned']} pruned, "
              f"{r['fail']} failed, {r['running']} running)"]  # fmt: skip
     if r["best_trials"]:
-        keys = list(r["best_trials"][0]["params"])
+        best = r["best_trials"]  # one column per trial: spaces have more parameters than a line has room for
+        keys = list(best[0]["params"])
+        width = max(len(k) for k in [*keys, "validation accuracy"])
         lines += ["", "best trials by validation accuracy (the test set is never used):",
-                  "  trial  val acc  " + "  ".join(keys)]  # fmt: skip
-        for row in r["best_trials"]:
-            cells = "  ".join(f"{_short(row['params'].get(k)):>{len(k)}}" for k in keys)
-            lines.append(f"  {row['trial']:>5}  {100 * row['value']:6.2f}%  {cells}")
+                  f"  {'':<{width}}" + "".join(f"  {'trial ' + str(row['trial']):>10}" for row in best),
+                  f"  {'validation accuracy':<{width}}" + "".join(f"  {100 * row['value']:>9.2f}%" for row in best),
+                  ]  # fmt: skip
+        for k in keys:
+            lines.append(f"  {k:<{width}}" + "".join(f"  {_short(row['params'].get(k)):>10}" for row in best))
     else:
         lines.append("no finished trials yet")
     lines += ["", f"parameter importances ({r['importance_note']}):" if r["importances"] else r["importance_note"]]

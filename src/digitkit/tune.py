@@ -635,6 +635,10 @@ def save_plots(study: Any, folder: Path, importances: dict[str, float] | None) -
             warnings.simplefilter("ignore")  # optuna marks its matplotlib plots experimental
             drawn = draw(study)
         axes = drawn.flat[0] if hasattr(drawn, "flat") else drawn
+        if name in ("history.png", "intermediate.png"):
+            axes.set_ylabel("validation accuracy")
+        if name == "intermediate.png":
+            axes.set_xlabel("epoch (objective cv: (fold - 1) x epochs + epoch)")
         fig = axes.figure
         fig.set_size_inches(max(fig.get_size_inches()[0], 8), max(fig.get_size_inches()[1], 5))
         fig.savefig(folder / name, dpi=90, bbox_inches="tight")
