@@ -61,7 +61,7 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "ddp.json"))
     args = p.parse_args()
 
-    sets = [f"train.epochs={args.epochs}", "train.plots=false", f"data.dir={ROOT / 'data' / 'mnist'}", *args.set]
+    sets = [f"train.epochs={args.epochs}", "train.plots=false", "data.dir=data/mnist", *args.set]  # cwd: ROOT
     # Loopback only: a one-machine benchmark has no business on any other interface.
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # row 1 uses every core
     env.update(PYTHONPATH=str(ROOT / "src"), GLOO_SOCKET_IFNAME="lo")
@@ -89,7 +89,8 @@ def main() -> None:
         row["speedup_vs_one_process"] = round(row["train_images_per_s"] / base, 2)
     result = {
         "benchmark": "ddp",
-        "config": args.config,
+        "config": str(Path(args.config).resolve().relative_to(ROOT)) if ROOT in Path(args.config).resolve().parents
+        else args.config,
         "overrides": sets,
         "note": "train.batch_size is the global batch (each of N ranks takes batch_size / N); same seed in every "
         "row, one run each: the accuracy differences are within seed noise (see tests/test_distributed.py)",
