@@ -150,8 +150,8 @@ def fit(
             ema.load_state_dict(resume["ema"])
         state = FitState(**resume["fit_state"])
     autocast, scaler = mixed_precision(device, t)
+    net = distributed.wrap(model, device, world)  # under torchrun: DDP, which averages the gradients over ranks
     # torch.compile wraps the module; the weights stay shared, so checkpoints save `model` as usual.
-    net = distributed.wrap(model, device, world)  # DDP averages the gradients over processes
     net = torch.compile(net) if t.compile else net
     # What validation, the checkpoints and (through them) the test figure measure: the weight average if kept.
     measured = ema.module if ema is not None else model
