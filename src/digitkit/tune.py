@@ -18,8 +18,8 @@ trials cannot overfit the figure `digitkit train` reports at the end.
 `--trials N` is the study's total: every worker stops once N trials are finished or running, however many
 workers share the study. Trials are numbered by the database in the order they start, so workers agree which
 trials are within the budget; a worker that starts one past it (two workers asking at the same instant) marks it
-pruned with the user attribute `skipped` and stops. Trials that crashed (state FAIL) do not count, so running the
-command again fills the budget.
+pruned with the user attribute `skipped` and stops. Trials that failed do not count, nor do trials whose worker
+died (a live worker marks them failed once their heartbeat is 5 minutes old), so the budget is filled again.
 """
 
 from __future__ import annotations
@@ -57,6 +57,8 @@ FROZEN = {
 # Not compared when a worker joins a study: they differ between machines without changing the recipe.
 MACHINE_KEYS = (("data", "dir"), ("data", "extra_dirs"), ("train", "threads"), ("train", "device"))
 
+HEARTBEAT_SECONDS = 30
+STALE_SECONDS = 300
 ReporterFactory = Callable[[str], Reporter]
 
 
@@ -326,7 +328,12 @@ def open_storage(url: str) -> Any:
     kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     for attempt in range(5):
         try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+            # Heartbeats: a trial whose worker died (killed, machine lost) is marked failed by a live worker after
+            # STALE_SECONDS, so it stops counting toward --trials and the budget is filled again.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_SECONDS,
+                                                  grace_period=STALE_SECONDS)  # fmt: skip
         except (IntegrityError, OperationalError, ProgrammingError) as e:
             if attempt == 4 or not _is_creation_race(e):
                 raise DataError(f"study storage {safe_url(url)}: {_first_line(e)}") from None
