@@ -739,22 +739,31 @@ def deskew_batch(x: torch.Tensor, max_shear: float = 1.0) -> torch.Tensor:
     img = x[:, 0].float()
     yy = torch.arange(h, dtype=torch.float32, device=x.device).view(1, h, 1)
     xx = torch.arange(w, dtype=torch.float32, device=x.device).view(1, 1, w)
-    total = img.sum((1, 2)).clamp_min(1e-12)
-    cy = (img * yy).sum((1, 2)) / total
-    cx = (img * xx).sum((1, 2)) / total
-    dy, dx = yy - cy.view(b, 1, 1), xx - cx.view(b, 1, 1)
-    mu02 = (img * dy**2).sum((1, 2)) / total
-    mu11 = (img * dy * dx).sum((1, 2)) / total
+    # Moments from row and column sums (one pass over the pixels, not five), in float64 so that
+    # E[y^2] - E[y]^2 keeps its precision.
+    ys, xs = yy.flatten().double(), xx.flatten().double()
+    rows, cols = img.sum(2).double(), img.sum(1).double()  # (B, h), (B, w)
+    mass = rows.sum(1)
+    total = mass.clamp_min(1e-12)
+    cy, cx = rows @ ys / total, cols @ xs / total
+    mu02 = rows @ ys.square() / total - cy.square()
+    mu11 = (img @ xx.view(w, 1)).view(b, h).double() @ ys / total - cx * cy
     alpha = torch.where(mu02 > 1e-6, mu11 / mu02.clamp_min(1e-6), torch.zeros_like(mu02)).clamp(-max_shear, max_shear)
-    alpha = torch.where(img.sum((1, 2)) > 0, alpha, torch.zeros_like(alpha))
+    alpha = torch.where(mass > 0, alpha, torch.zeros_like(alpha)).float()
+    cy, cx = cy.float(), cx.float()
     r = yy - h / 2  # (1, h, 1)
-    src_y = (r + cy.view(b, 1, 1)).expand(b, h, w)
-    src_x = xx - w / 2 + cx.view(b, 1, 1) + alpha.view(b, 1, 1) * r
-    # align_corners=True: -1 and 1 are the centres of the first and last pixels, as in ndimage.
-    grid = torch.stack([src_x / (w - 1) * 2 - 1, src_y / (h - 1) * 2 - 1], -1)
+    # Output pixel (i, j) samples source (r_i + cy, j - w/2 + cx + alpha * r_i), in grid units where -1 and 1 are
+    # the centres of the first and last pixels (align_corners=True, as in ndimage). Both coordinates are a per-row
+    # offset plus at most a per-column term, written straight into the grid (no (B, h, w) temporaries).
+    grid = torch.empty(b, h, w, 2, device=x.device)
+    row_x = (cx.view(b, 1, 1) - w / 2 + alpha.view(b, 1, 1) * r) * (2 / (w - 1)) - 1  # (B, h, 1)
+    torch.add(row_x, xx * (2 / (w - 1)), out=grid[..., 0])
+    grid[..., 1] = (r + cy.view(b, 1, 1)) * (2 / (h - 1)) - 1
     out = F.grid_sample(img.unsqueeze(1), grid, mode="bilinear", padding_mode="zeros", align_corners=True)
-    empty = (img.sum((1, 2)) <= 0).view(b, 1, 1, 1)
-    return torch.where(empty, x.float(), out)
+    empty = mass <= 0
+    if empty.any():  # nothing to centre: the image as it was
+        out[empty] = x[empty].float()
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------

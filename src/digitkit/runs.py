@@ -10,9 +10,12 @@ runs/latest -> the newest run
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import platform
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,6 +109,7 @@ def train_run(
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     started = time.perf_counter()
+    _prefetch_optimizer_imports()
     # Under torchrun: join its process group (distributed.py); rank 0 alone makes and writes the run folder.
     world = distributed.init_from_env(pick_device(cfg.train.device))
     if not world.is_main:
@@ -162,6 +166,13 @@ def train_run(
     return distributed.broadcast(summary, world)
 
 
+def _prefetch_optimizer_imports() -> None:
+    """torch.optim imports torch._dynamo on its first use (about 2 s on a small CPU); start that import in a thread
+    now, so it overlaps with reading and preparing the data instead of delaying the first training step."""
+    if "torch._dynamo" not in sys.modules:
+        threading.Thread(target=importlib.import_module, args=("torch._dynamo",), daemon=True).start()
+
+
 def finish_run(
     cfg: Config,
     run_dir: Path,
@@ -177,8 +188,13 @@ def finish_run(
     ckpt = checkpoint.load(best_path)
     model = checkpoint.model_from_checkpoint(ckpt)
     device = pick_device(cfg.train.device)
-    model.to(device)
-    val_loss, val_acc = loss_and_accuracy(predict_logits(model, val_set.images, device=device), val_set.labels)
+    fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    model.to(device=device, memory_format=fmt)
+
+    def logits(images: torch.Tensor) -> torch.Tensor:
+        return predict_logits(model, images, cfg.train.eval_batch_size, device, cfg.train.channels_last)
+
+    val_loss, val_acc = loss_and_accuracy(logits(val_set.images), val_set.labels)
     model_cpu = model.cpu()
     summary: dict[str, Any] = {
         "model": cfg.model.name,
@@ -210,8 +226,8 @@ def finish_run(
         plots.save_history(history, run_dir / "history.png", title=f"{cfg.model.name} ({run_dir.name})",
                            checkpoint_epoch=summary["best_epoch"])  # fmt: skip
     if test_set is not None:
-        model.to(device)
-        test_logits = predict_logits(model, test_set.images, device=device)
+        model.to(device=device, memory_format=fmt)
+        test_logits = logits(test_set.images)
         test_loss, test_acc = loss_and_accuracy(test_logits, test_set.labels)
         test_preds = test_logits.argmax(1)
         cm = confusion_matrix(test_set.labels, test_preds, test_set.num_classes)
