@@ -10,8 +10,14 @@ def test_shipped_configs_load_and_resolve_round_trip(tmp_path):
     import yaml
 
     for path in sorted((ROOT / "configs").glob("*.yaml")):
-        if "entries" in (yaml.safe_load(path.read_text()) or {}):
+        raw = yaml.safe_load(path.read_text()) or {}
+        if "entries" in raw:
             continue  # a comparison file (digitkit compare), checked in test_compare.py
+        if "params" in raw:  # a search space (digitkit tune): it must fit the default recipe
+            from digitkit import tune
+
+            assert tune.load_space(path, config.load(ROOT / "configs" / "default.yaml")).params, path.name
+            continue
         cfg = config.load(path)
         config.save(cfg, tmp_path / "c.yaml")
         assert config.load(tmp_path / "c.yaml") == cfg, path.name

@@ -275,18 +275,23 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+def read_yaml(path: Path, missing: str) -> Any:
+    """A YAML file's content; a ConfigError naming the file when it is missing (`missing` says what to do) or is not
+    YAML."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: {missing}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+
+
 def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read a YAML config (or the defaults if `path` is None) and apply `--set` overrides."""
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found; the shipped ones are in configs/") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-        raw = loaded or {}
+        raw = read_yaml(path, "config file not found; the shipped ones are in configs/") or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level (seed:, data:, model:, train: ...)")
     try:

@@ -36,8 +36,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from digitkit import config, cv, data, runs
 from digitkit.config import Config
 from digitkit.errors import ConfigError, DataError
@@ -112,12 +110,7 @@ def load_space(path: str | Path, base: Config) -> Space:
     """Read and check a space file against the config it will modify; every problem is a ConfigError naming the
     file, the key and what is expected."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: space file not found; configs/space.yaml is an example") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    raw = config.read_yaml(path, "space file not found; configs/space.yaml is an example")
     try:
         return parse_space(raw, base)
     except ConfigError as e:
