@@ -4,7 +4,10 @@ Each seed changes the initial weights, the validation split, the shuffling and t
 checkpoint is chosen on validation; the test set is read once per run, after training. Prints a table and
 mean +- std (sample std, n = number of seeds) and writes JSON.
 
-    python benchmarks/recipe_seeds.py [--config configs/default.yaml] [--seeds 0 1 2] [--out FILE]
+    python benchmarks/recipe_seeds.py [--config configs/default.yaml] [--seeds 0 1 2] [--out FILE] [--keep DIR]
+
+--keep DIR keeps each run folder as DIR/seed-N (for `digitkit evaluate` or `digitkit ensemble` later); without it
+the runs are written to a temporary folder and deleted.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", help="JSON file (default: benchmarks/results/seeds-<config name>.json)")
+    p.add_argument("--keep", metavar="DIR", help="keep the run folders as DIR/seed-N")
     args = p.parse_args()
 
     name = Path(args.config).stem
@@ -38,11 +42,13 @@ def main() -> None:
     for seed in args.seeds:
         cfg = config.load(args.config, [*args.set, f"seed={seed}", f"data.dir={ROOT / 'data' / 'mnist'}"])
         with tempfile.TemporaryDirectory() as tmp:
+            out = Path(args.keep) / f"seed-{seed}" if args.keep else Path(tmp) / "run"
             started = time.perf_counter()
-            s = runs.train_run(cfg, out=Path(tmp) / "run")
+            s = runs.train_run(cfg, out=out)
             wall = time.perf_counter() - started
         row = {k: s[k] for k in ("epochs", "best_epoch", "val_accuracy", "test_accuracy", "train_seconds")}
-        rows.append({"seed": seed, **row, "wall_seconds": round(wall, 1)})
+        kept = {"run_dir": str(out)} if args.keep else {}
+        rows.append({"seed": seed, **row, "wall_seconds": round(wall, 1), **kept})
         print(f"{seed:>4d} {s['epochs']:>6d} {s['best_epoch']:>4d} {100 * s['val_accuracy']:>7.2f} "
               f"{100 * s['test_accuracy']:>7.2f} {s['train_seconds']:>8.1f} {wall:>8.1f}", flush=True)  # fmt: skip
 

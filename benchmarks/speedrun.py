@@ -9,9 +9,9 @@ One warm-up process runs first (not counted) so the page cache holds the interpr
 any machine that has run digitkit before; the uncompressed-data cache (~/.cache/digitkit) is warmed by it too.
 
     python benchmarks/speedrun.py [--config configs/fast.yaml] [--seeds 0 1 2 3 4] [--set KEY=VALUE] [--out FILE]
-    python benchmarks/speedrun.py --probe    # the techniques one at a time, seed 0: validation accuracy and time
+    python benchmarks/speedrun.py --probe [--repeats 3]   # each technique off in turn, seed 0: validation, time
 
---probe runs the config once per variant (the recipe as is, then one change each: bfloat16 autocast on the CPU,
+--probe runs the config once per variant (the recipe as is, then one change each: float32 instead of bfloat16,
 torch.compile, no channels_last, one thread, the standard (NCHW Conv-BN-ReLU-Pool) cnn3_slim, deskew off) and
 reports validation accuracy, training seconds and whole-process seconds; choices are made on validation only.
 """
@@ -33,9 +33,15 @@ ROOT = Path(__file__).resolve().parents[1]
 DIGITKIT = [sys.executable, "-m", "digitkit"]
 
 
+# Python writes compiled bytecode (__pycache__) on first import unless PYTHONDONTWRITEBYTECODE is set, as it is in
+# some sandboxes and CI images; the processes here run as on an ordinary machine, where the warm-up run leaves
+# digitkit's bytecode behind (pip installs have it from the start). Worth about 0.1 s of CPU per process.
+ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+
+
 def timed(cmd: list[str]) -> tuple[float, subprocess.CompletedProcess]:
     started = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=ENV)
     seconds = time.perf_counter() - started
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
@@ -62,7 +68,7 @@ def cpu_info() -> dict[str, object]:
 
 PROBES = {
     "recipe as is": [],
-    "cpu_bf16 autocast": ["train.cpu_bf16=true"],
+    "float32 (cpu_bf16 off)": ["train.cpu_bf16=false"],
     "torch.compile": ["train.compile=true"],
     "channels_last off": ["train.channels_last=false"],
     "1 thread": ["train.threads=1"],
@@ -71,19 +77,32 @@ PROBES = {
 }
 
 
-def probe(config: str, overrides: list[str], out: Path | None) -> None:
-    rows = []
-    print(f"{'variant':44s} {'val %':>7s} {'train s':>8s} {'wall s':>7s}")
+def probe(config: str, overrides: list[str], out: Path | None, repeats: int) -> None:
+    """Each variant `repeats` times, interleaved (round after round of all variants, so a slow spell of the shared
+    machine hits every variant alike); medians of the times. Validation accuracy is the same on every repeat."""
+    runs: dict[str, list[dict]] = {name: [] for name in PROBES}
     with tempfile.TemporaryDirectory() as tmp:
-        for i, (name, extra) in enumerate(PROBES.items()):
-            sets = [x for kv in [*overrides, *extra] for x in ("--set", kv)]
-            wall, _ = timed([*DIGITKIT, "train", "--config", config, *sets, "--out", f"{tmp}/{i}", "--quiet"])
-            s = json.loads((Path(tmp) / str(i) / "summary.json").read_text())
-            rows.append({"variant": name, "overrides": extra, "val_accuracy": s["val_accuracy"],
-                         "train_seconds": s["train_seconds"], "wall_seconds": round(wall, 2)})  # fmt: skip
-            print(f"{name:44s} {100 * s['val_accuracy']:>7.2f} {s['train_seconds']:>8.2f} {wall:>7.2f}", flush=True)
-    result = {"benchmark": "speedrun-probe", "config": config, "overrides": overrides,
-              "date": time.strftime("%Y-%m-%d %H:%M:%S"), "seed": 0, "cpu": cpu_info(), "variants": rows}  # fmt: skip
+        for r in range(repeats):
+            for i, (name, extra) in enumerate(PROBES.items()):
+                sets = [x for kv in [*overrides, *extra] for x in ("--set", kv)]
+                folder = Path(tmp) / f"{r}-{i}"
+                wall, _ = timed([*DIGITKIT, "train", "--config", config, *sets, "--out", str(folder), "--quiet"])
+                s = json.loads((folder / "summary.json").read_text())
+                runs[name].append({"val_accuracy": s["val_accuracy"], "train_seconds": s["train_seconds"],
+                                   "wall_seconds": round(wall, 2)})  # fmt: skip
+            print(f"round {r + 1} of {repeats} done", flush=True)
+    rows = []
+    print(f"{'variant':44s} {'val %':>7s} {'train s':>8s} {'wall s':>7s}  (medians of {repeats})")
+    for name, extra in PROBES.items():
+        got = runs[name]
+        row = {"variant": name, "overrides": extra, "val_accuracy": got[0]["val_accuracy"],
+               "train_seconds": statistics.median(g["train_seconds"] for g in got),
+               "wall_seconds": statistics.median(g["wall_seconds"] for g in got), "repeats": got}  # fmt: skip
+        rows.append(row)
+        print(f"{name:44s} {100 * row['val_accuracy']:>7.2f} {row['train_seconds']:>8.2f} {row['wall_seconds']:>7.2f}")
+    result = {"benchmark": "speedrun-probe", "config": config, "overrides": overrides, "repeats": repeats,
+              "statistic": "median", "date": time.strftime("%Y-%m-%d %H:%M:%S"), "seed": 0, "cpu": cpu_info(),
+              "variants": rows}  # fmt: skip
     path = out or ROOT / "benchmarks" / "results" / f"speedrun-probe-{Path(config).stem}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
@@ -96,13 +115,15 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", help="JSON file (default: benchmarks/results/speedrun-<config name>.json)")
     p.add_argument("--probe", action="store_true", help="one run per technique variant instead of the seeds")
+    p.add_argument("--repeats", type=int, default=3, help="--probe: runs of each variant, interleaved (median)")
     args = p.parse_args()
     if args.probe:
-        return probe(args.config, args.set, Path(args.out) if args.out else None)
+        return probe(args.config, args.set, Path(args.out) if args.out else None, args.repeats)
 
     name = Path(args.config).stem
     overrides = [x for kv in args.set for x in ("--set", kv)]
     help_seconds = sorted(timed([*DIGITKIT, "--help"])[0] for _ in range(5))[2]
+    torch_import_seconds = sorted(timed([sys.executable, "-c", "import torch"])[0] for _ in range(3))[1]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         timed([*DIGITKIT, "train", "--config", args.config, *overrides, "--set", "train.epochs=1",
@@ -115,11 +136,28 @@ def main() -> None:
                              "--out", str(out), "--quiet"])  # fmt: skip
             s = json.loads((out / "summary.json").read_text())
             rows.append({"seed": seed, "val_accuracy": s["val_accuracy"], "test_accuracy": s["test_accuracy"],
-                         "train_seconds": s["train_seconds"], "in_process_seconds": s["total_seconds"],
+                         "data_seconds": s["data_seconds"], "train_seconds": s["train_seconds"],
+                         "in_process_seconds": s["total_seconds"], "finish_seconds": s["finish_seconds"],
                          "wall_seconds": round(wall, 2)})  # fmt: skip
             print(f"{seed:>4d} {100 * s['val_accuracy']:>7.2f} {100 * s['test_accuracy']:>7.2f} "
                   f"{s['train_seconds']:>8.2f} {wall:>7.2f}", flush=True)  # fmt: skip
     acc = [r["test_accuracy"] for r in rows]
+
+    def median(key: str) -> float:
+        return round(statistics.median(r[key] for r in rows), 2)
+
+    # Where the wall-clock goes (medians): the in-process part is from the run's summary.json; "start and exit" is
+    # the rest (interpreter start, imports, argument parsing, printing, interpreter teardown).
+    stages = {
+        "import torch (separate process)": round(torch_import_seconds, 2),
+        "data: read, deskew, split": median("data_seconds"),
+        "training loops": median("train_seconds"),
+        "rest of the run (model, validation, checkpoints)": round(
+            median("in_process_seconds") - median("data_seconds") - median("train_seconds"), 2),
+        "final validation, test evaluation, summary": median("finish_seconds"),
+        "start and exit (imports included)": round(
+            median("wall_seconds") - median("in_process_seconds") - median("finish_seconds"), 2),
+    }
     walls = [r["wall_seconds"] for r in rows]
     result = {
         "benchmark": "speedrun",
@@ -134,6 +172,7 @@ def main() -> None:
         "wall_seconds_median": statistics.median(walls),
         "wall_seconds_max": max(walls),
         "help_seconds_median": round(help_seconds, 3),
+        "stages_median_seconds": stages,
         "goal": {"test_accuracy_mean": 0.99, "wall_seconds": 6.0,
                  "met": statistics.mean(acc) >= 0.99 and statistics.median(walls) <= 6.0},  # fmt: skip
         "cpu": cpu_info(),
@@ -143,6 +182,7 @@ def main() -> None:
     print(f"test accuracy mean {100 * result['test_accuracy_mean']:.2f}% (min {100 * min(acc):.2f}, max "
           f"{100 * max(acc):.2f}, n={len(rows)}); median wall-clock {result['wall_seconds_median']:.2f} s per "
           f"process; digitkit --help {help_seconds:.2f} s")  # fmt: skip
+    print("where the time goes (medians): " + "; ".join(f"{k} {v:.2f} s" for k, v in stages.items()))
     out_path = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"speedrun-{name}.json"
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(result, indent=2) + "\n")

@@ -231,3 +231,33 @@ def test_cv_and_compare_commands(tmp_path, capsys):
     assert code == 0, err
     assert "cannot tell" in out or "| a |" in out or "a" in out
     assert (tmp_path / "cmp" / "compare.json").is_file() and (tmp_path / "cmp" / "compare.png").is_file()
+
+
+def test_shift_moves_pixels_and_fills_zeros():
+    from digitkit.evaluate import shift
+
+    x = torch.arange(1, 17, dtype=torch.float32).reshape(1, 1, 4, 4)
+    down_right = shift(x, 1, 1)
+    assert torch.equal(down_right[0, 0, 1:, 1:], x[0, 0, :3, :3])
+    assert down_right[0, 0, 0].abs().sum() == 0 and down_right[0, 0, :, 0].abs().sum() == 0
+    assert torch.equal(shift(shift(x, 0, -2), 0, 2)[..., 2:], x[..., 2:])
+    assert torch.equal(shift(x, 0, 0), x)
+    with pytest.raises(ValueError, match="leaves nothing"):
+        shift(x, 4, 0)
+
+
+def test_shift_tta_is_the_mean_softmax_of_five_views():
+    from digitkit.evaluate import predict_probs_shift_tta, shift
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(36, 3))  # not shift-invariant
+    images = (torch.rand(7, 1, 6, 6) * 255).to(torch.uint8)
+    x = images.float() / 255
+    views = [(0, 0), (2, 0), (-2, 0), (0, 2), (0, -2)]
+    with torch.no_grad():
+        expected = sum(model(shift(x, dy, dx)).softmax(1) for dy, dx in views) / 5
+    got = predict_probs_shift_tta(model, images, pixels=2, batch_size=3)
+    assert torch.allclose(got, expected, atol=1e-6)
+    assert not torch.allclose(got, predict_probs(model, images), atol=1e-3)  # the views do change the answer
+    with pytest.raises(ValueError, match="at least 1 px"):
+        predict_probs_shift_tta(model, images, pixels=0)

@@ -299,8 +299,15 @@ def test_plots_can_be_left_to_evaluate(tmp_path, tiny_dir):
 
 def test_cpu_bfloat16_autocast_trains(tmp_path, tiny_dir):
     cfg = tiny_cfg(tiny_dir, "train.cpu_bf16=true", "train.epochs=2")
-    autocast, scaler = train.mixed_precision(torch.device("cpu"), cfg.train)
-    assert autocast.fast_dtype == torch.bfloat16 and scaler is None
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert train.native_cpu_bf16() == native
+    if native:
+        autocast, scaler = train.mixed_precision(torch.device("cpu"), cfg.train)
+        assert autocast.fast_dtype == torch.bfloat16 and autocast._enabled and scaler is None
+    else:  # emulated bfloat16 is several times slower than float32: refused with a warning
+        with pytest.warns(UserWarning, match="no native bfloat16"):
+            autocast, scaler = train.mixed_precision(torch.device("cpu"), cfg.train)
+        assert autocast._enabled is False and scaler is None
     assert train.mixed_precision(torch.device("cpu"), tiny_cfg(tiny_dir).train)[0]._enabled is False
     summary = runs.train_run(cfg, out=tmp_path / "r")
     assert summary["test_accuracy"] > 0.9

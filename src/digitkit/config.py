@@ -94,8 +94,9 @@ class TrainConfig:
     """Mixed precision on a GPU: bfloat16 autocast, or float16 with loss scaling where bfloat16 is unsupported. On
     a CPU it follows cpu_bf16."""
     cpu_bf16: bool = False
-    """bfloat16 autocast on the CPU too. Pays off only where the CPU does bfloat16 natively (AVX-512 BF16, AMX);
-    on an AVX2 CPU it is emulated and slower (benchmarks/speedrun.py --probe measures both)."""
+    """bfloat16 autocast on the CPU too, where the CPU does bfloat16 natively (AVX-512 BF16, AMX): about 1.3x faster
+    training steps for fast.yaml (benchmarks/speedrun.py --probe). On other CPUs bfloat16 would be emulated and
+    several times slower, so training stays in float32 there (with a warning)."""
     compile: bool = False
     """torch.compile the model for training and evaluation: faster steps after a compilation that costs seconds to
     minutes, so it pays off only for long runs (measured in benchmarks/speedrun.py --probe)."""

@@ -84,6 +84,41 @@ def predict_probs(
     return _in_batches(model, images, batch_size, device, mean_softmax)
 
 
+def shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """x (..., H, W) moved down by dy and right by dx pixels (negative: up, left), zeros shifted in."""
+    h, w = x.shape[-2:]
+    if abs(dy) >= h or abs(dx) >= w:
+        raise ValueError(f"a shift of ({dy}, {dx}) px leaves nothing of a {h}x{w} image")
+    out = torch.zeros_like(x)
+    out[..., max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = x[
+        ..., max(-dy, 0) : h + min(-dy, 0), max(-dx, 0) : w + min(-dx, 0)
+    ]
+    return out
+
+
+@torch.no_grad()
+def predict_probs_shift_tta(
+    model: nn.Module,
+    images: torch.Tensor,
+    pixels: int = 1,
+    batch_size: int = 1000,
+    device: torch.device | str = "cpu",
+    channels_last: bool = False,
+) -> torch.Tensor:
+    """Test-time augmentation by small translations: the mean softmax over the image and its copies shifted by
+    `pixels` left, right, up and down (5 views). images (N, 1, H, W) uint8 or float in [0, 1] -> (N, K)."""
+    if pixels < 1:
+        raise ValueError(f"pixels = {pixels}: expected a shift of at least 1 px")
+    offsets = [(0, 0), (pixels, 0), (-pixels, 0), (0, pixels), (0, -pixels)]
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+
+    def mean_softmax(x: torch.Tensor) -> torch.Tensor:
+        views = [model(shift(x, dy, dx).contiguous(memory_format=fmt)).float().softmax(1) for dy, dx in offsets]
+        return sum(views) / len(views)
+
+    return _in_batches(model, images, batch_size, device, mean_softmax)
+
+
 def accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:
     """Exact share of rows whose top class is the label."""
     return int((probs.argmax(1) == labels).sum()) / max(len(labels), 1)

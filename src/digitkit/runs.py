@@ -123,6 +123,7 @@ def train_run(
         extra_sets = load_extra_sets(cfg, train_set)
         train_set = data.concat([train_set, *extra_sets])
         extra_images = sum(len(d) for d in extra_sets)
+    data_seconds = time.perf_counter() - started
     distributed.check_launch(cfg.train.batch_size, world, custom_step=step_fn is not None)
     resume_state = None
     if resume is not None:
@@ -162,7 +163,8 @@ def train_run(
     summary = None
     if world.is_main:  # the other ranks return rank 0's summary
         summary = finish_run(cfg, run_dir, state.history, val_set, test_set, time.perf_counter() - started,
-                             stopped_early=state.stopped_early, extra_training_images=extra_images)  # fmt: skip
+                             stopped_early=state.stopped_early, extra_training_images=extra_images,
+                             data_seconds=data_seconds)  # fmt: skip
     return distributed.broadcast(summary, world)
 
 
@@ -182,8 +184,14 @@ def finish_run(
     seconds: float,
     stopped_early: bool,
     extra_training_images: int = 0,
+    data_seconds: float = 0.0,
 ) -> dict[str, Any]:
-    """Evaluate the best checkpoint (chosen on validation) once on the test set; plots and summary.json."""
+    """Evaluate the best checkpoint (chosen on validation) once on the test set; plots and summary.json.
+
+    Times in the summary: data_seconds (reading and preparing the data), train_seconds (the epochs' training
+    loops), total_seconds (from the start of the run to here), finish_seconds (this function: re-validation,
+    plots, the test evaluation)."""
+    finish_started = time.perf_counter()
     best_path = checkpoint.resolve(run_dir)
     ckpt = checkpoint.load(best_path)
     model = checkpoint.model_from_checkpoint(ckpt)
@@ -205,6 +213,7 @@ def finish_run(
         "best_epoch": ckpt["metrics"]["epoch"],
         "stopped_early": stopped_early,
         "train_seconds": round(sum(r["seconds"] for r in history), 2),
+        "data_seconds": round(data_seconds, 2),
         "total_seconds": round(seconds, 2),
         "val_accuracy": val_acc,
         "val_log_loss": val_loss,
@@ -238,6 +247,7 @@ def finish_run(
 
             plots.save_confusion(cm.numpy(), test_set.classes, run_dir / "confusion.png",
                                  title=f"{cfg.model.name} ({run_dir.name}): test set")  # fmt: skip
+    summary["finish_seconds"] = round(time.perf_counter() - finish_started, 2)
     atomic_write_bytes(run_dir / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
     return {"run_dir": str(run_dir), "finished": True, **summary}
 

@@ -12,6 +12,7 @@ import csv
 import io
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -341,14 +342,25 @@ def _update_early_stopping(state: FitState, val_loss: float, patience_epochs: in
 
 def mixed_precision(device: torch.device, t: TrainConfig) -> tuple[Any, Any]:
     """(autocast context, GradScaler or None) for the device: bfloat16 on a GPU that has it, else float16 with a
-    loss scaler (float16 gradients underflow without one); bfloat16 on the CPU only if t.cpu_bf16."""
+    loss scaler (float16 gradients underflow without one); bfloat16 on the CPU only if t.cpu_bf16 and the CPU does
+    bfloat16 natively (elsewhere it would be emulated and several times slower: float32 instead, said once)."""
     if device.type == "cuda" and t.amp:
         if torch.cuda.is_bf16_supported():
             return torch.autocast("cuda", dtype=torch.bfloat16), None
         return torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
     if device.type == "cpu" and t.cpu_bf16:
-        return torch.autocast("cpu", dtype=torch.bfloat16), None
+        if native_cpu_bf16():
+            return torch.autocast("cpu", dtype=torch.bfloat16), None
+        warnings.warn("train.cpu_bf16: this CPU has no native bfloat16 (AVX-512 BF16 or AMX), where bfloat16 is "
+                      "emulated and slower than float32; training in float32 instead", stacklevel=2)  # fmt: skip
     return torch.autocast(device.type, enabled=False), None
+
+
+def native_cpu_bf16() -> bool:
+    """True where the CPU computes bfloat16 in hardware (AVX-512 BF16 or AMX), as torch's own kernels detect it."""
+    cpu = torch.cpu
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(cpu, name, lambda: False)() for name in checks)
 
 
 def write_metrics(path: Path, rows: list[dict[str, float]]) -> None:

@@ -94,6 +94,23 @@ def cnn3_tiny(
     return _cnn(num_classes, in_chans, img_size, tuple(channels), dropout)
 
 
+@register_model
+def cnn_deep(
+    num_classes: int,
+    in_chans: int,
+    img_size: int,
+    channels: tuple[int, ...] = (32, 64, 128),
+    dropout: float = 0.3,
+):
+    """Three stages of two Conv-BN-ReLU (32, 64, 128 filters) and a MaxPool each, a VGG-style net: best.yaml's
+    model, about 4x cnn3's multiply-adds."""
+    channels = tuple(channels)
+    spatial = img_size
+    for _ in channels:
+        spatial //= 2
+    return _stages(in_chans, channels, 2), _linear_head(channels[-1], spatial, num_classes, dropout)
+
+
 class CropBorder(nn.Module):
     """Drop `border` pixels at each edge: MNIST digits sit in a 20x20 box centred by mass in a 28x28 frame, so a
     2-px border is almost always empty and a quarter of the first layer's work is saved."""
