@@ -141,7 +141,11 @@ def test_ctrl_c_during_train_says_how_to_resume_and_resume_finishes(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     argv = [DIGITKIT, "train", "--data-dir", str(data), "--out", str(run), "--set", "model.name=cnn1",
             "--set", "train.epochs=4", "--set", "train.batch_size=16", "--set", "train.threads=1"]  # fmt: skip
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    # A shell's background jobs (nohup ... &, CI runners) start with SIGINT ignored, and a child inherits that:
+    # Python then installs no KeyboardInterrupt handler and Ctrl-C is ignored, as the user asked. Here the child
+    # gets the terminal's default, as when a user runs digitkit in the foreground.
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     try:
         first = proc.stderr.readline()
         assert first.startswith("epoch   1 "), first
