@@ -151,7 +151,7 @@ def main() -> None:
     stages = {
         "import torch (separate process)": round(torch_import_seconds, 2),
         "data: read, deskew, split": median("data_seconds"),
-        "training loops": median("train_seconds"),
+        "training (each epoch's validation included)": median("train_seconds"),
         "rest of the run (model, validation, checkpoints)": round(
             median("in_process_seconds") - median("data_seconds") - median("train_seconds"), 2),
         "final validation, test evaluation, summary": median("finish_seconds"),

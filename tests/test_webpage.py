@@ -218,10 +218,15 @@ def test_undo_removes_the_last_stroke_and_clear_resets(browser: Browser) -> None
     assert res["digit"] == "" and res["message"] == "Draw a digit" and res["input"] == "" and res["saliency"] == ""
     assert all(p == 0 for _, p in res["bars"])
     assert len(browser.requests) == sent, "clearing sent a request"
-    white = page.evaluate("""() => { const c = document.querySelector('#canvas');
-        const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
-        return d.every(v => v === 255); }""")  # fmt: skip
-    assert white, "the canvas still has ink after clear"
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    # The canvas is repainted on the next animation frame (redrawSoon): wait for that frame, not forever.
+    try:
+        page.wait_for_function("""() => { const c = document.querySelector('#canvas');
+            const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+            return d.every(v => v === 255); }""", timeout=5_000)  # fmt: skip
+    except PlaywrightTimeout:
+        pytest.fail("the canvas still has ink 5 s after clear")
     browser.check_clean()
 
 

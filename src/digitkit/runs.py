@@ -188,9 +188,9 @@ def finish_run(
 ) -> dict[str, Any]:
     """Evaluate the best checkpoint (chosen on validation) once on the test set; plots and summary.json.
 
-    Times in the summary: data_seconds (reading and preparing the data), train_seconds (the epochs' training
-    loops), total_seconds (from the start of the run to here), finish_seconds (this function: re-validation,
-    plots, the test evaluation)."""
+    Times in the summary: data_seconds (reading and preparing the data), train_seconds (the epochs: training and
+    each epoch's validation), total_seconds (from the start of the run to here), finish_seconds (this function:
+    re-validation, plots, the test evaluation)."""
     finish_started = time.perf_counter()
     best_path = checkpoint.resolve(run_dir)
     ckpt = checkpoint.load(best_path)

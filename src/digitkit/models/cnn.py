@@ -36,11 +36,12 @@ def _linear_head(channels: int, spatial: int, num_classes: int, dropout: float, 
     return nn.Sequential(*layers)
 
 
-def _cnn(num_classes: int, in_chans: int, img_size: int, channels: tuple[int, ...], dropout: float):
+def _cnn(num_classes: int, in_chans: int, img_size: int, channels: tuple[int, ...], dropout: float,
+         convs_per_stage: int = 1):  # fmt: skip
     spatial = img_size
     for _ in channels:
         spatial //= 2
-    return _stages(in_chans, channels, 1), _linear_head(channels[-1], spatial, num_classes, dropout)
+    return _stages(in_chans, channels, convs_per_stage), _linear_head(channels[-1], spatial, num_classes, dropout)
 
 
 @register_model
@@ -104,11 +105,7 @@ def cnn_deep(
 ):
     """Three stages of two Conv-BN-ReLU (32, 64, 128 filters) and a MaxPool each, a VGG-style net: best.yaml's
     model, about 4x cnn3's multiply-adds."""
-    channels = tuple(channels)
-    spatial = img_size
-    for _ in channels:
-        spatial //= 2
-    return _stages(in_chans, channels, 2), _linear_head(channels[-1], spatial, num_classes, dropout)
+    return _cnn(num_classes, in_chans, img_size, tuple(channels), dropout, convs_per_stage=2)
 
 
 class CropBorder(nn.Module):
