@@ -7,8 +7,9 @@
    test set, as trained and with test-time augmentation by small translations (the mean softmax over the image and
    its copies shifted by --tta-pixels left, right, up and down). Whether shifts help is read on validation; the
    test figures are printed, never used to choose.
-3. The runs together: `digitkit ensemble` (mean of probabilities, equal weights) on the test set. Its members
-   were trained on each other's validation images, so no clean validation figure exists for the ensemble.
+3. The runs together, as `digitkit ensemble RUN...` combines them (the equal-weight mean of the members'
+   probabilities, taken here from the test probabilities of step 2 instead of a second forward pass). Its
+   members were trained on each other's validation images, so no clean validation figure exists for the ensemble.
 
 Prints a table and writes JSON (default benchmarks/results/best.json).
 
