@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from digitkit import checkpoint, config, data, runs, train
+from digitkit import checkpoint, config, data, optim, runs, train
 from digitkit.errors import DataError
 from digitkit.evaluate import predict_logits
 from digitkit.models import create_model
@@ -322,7 +322,7 @@ def test_bad_speed_options_are_refused(key, value):
 def test_one_cycle_too_short_for_a_warm_up_step_starts_at_the_peak(tiny_dir):
     for steps in (1, 2, 4):  # 4 steps at pct_start 0.25 is the case OneCycleLR itself divides by zero on
         cfg = tiny_cfg(tiny_dir, "train.epochs=1").train
-        opt = torch.optim.SGD(create_model("cnn1").parameters(), lr=cfg.lr)
+        opt = optim.SGD(create_model("cnn1").parameters(), lr=cfg.lr)
         sched, _ = train.make_schedule(opt, cfg, steps_per_epoch=steps)
         lrs = [opt.param_groups[0]["lr"]]
         for _ in range(steps):
@@ -330,3 +330,56 @@ def test_one_cycle_too_short_for_a_warm_up_step_starts_at_the_peak(tiny_dir):
             sched.step()
             lrs.append(opt.param_groups[0]["lr"])
         assert lrs[0] == cfg.lr and lrs[-1] < lrs[0] / 100
+
+
+def test_deskewed_data_is_read_back_from_a_verified_cache(tmp_path, monkeypatch, tiny_dir):
+    from digitkit.preprocess import deskew_batch
+
+    monkeypatch.setenv("DIGITKIT_CACHE_DIR", str(tmp_path / "cache"))
+    images = data.load_split(tiny_dir, "train").images
+    expected = deskew_batch(images.float().div(255)).mul(255).round().clamp(0, 255).to(torch.uint8)
+    first = runs.deskewed(images)
+    assert torch.equal(first, expected)
+    copies = list((tmp_path / "cache" / "deskew").glob("*.u8"))
+    assert len(copies) == 1
+    # A copy altered under its name (or cut short) is refused, recomputed and replaced, never served.
+    for damage in (lambda b: b[:-1] + bytes([b[-1] ^ 0xFF]), lambda b: b[:-10]):
+        copies[0].write_bytes(damage(copies[0].read_bytes()))
+        assert torch.equal(runs.deskewed(images), expected)
+        copies = list((tmp_path / "cache" / "deskew").glob("*.u8"))
+        assert len(copies) == 1 and copies[0].read_bytes() == expected.numpy().tobytes()
+    # A good copy is what a later read returns: other images get their own copy.
+    assert torch.equal(runs.deskewed(images), expected)
+    runs.deskewed(images.flip(0).contiguous())
+    assert len(list((tmp_path / "cache" / "deskew").glob("*.u8"))) == 2
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder would be")
+    monkeypatch.setenv("DIGITKIT_CACHE_DIR", str(blocker))
+    assert torch.equal(runs.deskewed(images), expected)  # an unwritable cache only costs time
+
+
+def test_summary_validation_figures_are_the_best_checkpoints(tmp_path, tiny_dir):
+    """finish_run takes them from fit rather than measuring again: they must equal a fresh measurement, the log
+    loss without the label smoothing the run trained with."""
+    cfg = tiny_cfg(tiny_dir, "train.label_smoothing=0.2", "train.epochs=2")
+    summary = runs.train_run(cfg, out=tmp_path / "r")
+    _, val_set, _ = runs.load_data(cfg)
+    model = checkpoint.model_from_checkpoint(checkpoint.load(tmp_path / "r" / summary["checkpoint"]))
+    loss, acc = train.loss_and_accuracy(predict_logits(model, val_set.images), val_set.labels)
+    assert summary["val_accuracy"] == acc
+    assert summary["val_log_loss"] == pytest.approx(loss, rel=1e-5)
+    smoothed = train.read_metrics(tmp_path / "r" / "metrics.csv")[summary["best_epoch"] - 1]["val_loss"]
+    assert smoothed > loss  # the smoothed objective is not what the summary reports
+
+
+def test_runs_can_share_a_validation_split_across_seeds(tiny_dir):
+    """data.split_seed fixes the hold-out while the seed still changes the rest: what an ensemble's validation
+    needs. Without it, the seed picks the split as before."""
+
+    def val_indices(*overrides: str) -> set[int]:
+        _, val, _ = runs.load_data(tiny_cfg(tiny_dir, *overrides))
+        return {hash(img.numpy().tobytes()) for img in val.images}
+
+    assert val_indices("seed=1", "data.split_seed=7") == val_indices("seed=2", "data.split_seed=7")
+    assert val_indices("seed=1") != val_indices("seed=2")
+    assert val_indices("seed=7") == val_indices("seed=3", "data.split_seed=7")

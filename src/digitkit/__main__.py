@@ -1,5 +1,5 @@
-from digitkit.cli import main
+from digitkit.cli import run
 
 # Guarded: a spawned worker process (cv --workers N) imports the main module again and must not rerun the command.
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run()

@@ -126,11 +126,11 @@ def _training_data(cfg: config.Config, summary: dict[str, Any]) -> list[str]:
         labels = idx.read(files[("train", "labels")])
         test_n = len(idx.read(files[("test", "labels")]))
         train_idx, val_idx = data.stratified_split(torch.from_numpy(labels.astype("int64")), cfg.data.val_fraction,
-                                                   cfg.seed)  # fmt: skip
+                                                   cfg.split_seed)  # fmt: skip
         lines += [
             f"Data folder `{cfg.data.dir}`: {len(labels):,} images in the training files, split into "
             f"{len(train_idx):,} for training and {len(val_idx):,} for validation (stratified, `data.val_fraction` = "
-            f"{cfg.data.val_fraction}, seed {cfg.seed}); {test_n:,} test images, sealed: read once after "
+            f"{cfg.data.val_fraction}, seed {cfg.split_seed}); {test_n:,} test images, sealed: read once after "
             "training to report, never to choose an epoch, checkpoint or setting.",
             "",
             "| file | SHA-256 (uncompressed) |",
@@ -142,7 +142,7 @@ def _training_data(cfg: config.Config, summary: dict[str, Any]) -> list[str]:
     except (DataError, OSError) as e:
         lines += [f"The data folder `{cfg.data.dir}` could not be read from here ({e}); split sizes and checksums "
                   f"are not shown. Validation: stratified {cfg.data.val_fraction} of the training files, seed "
-                  f"{cfg.seed}.", ""]  # fmt: skip
+                  f"{cfg.split_seed}.", ""]  # fmt: skip
     if cfg.data.extra_dirs:
         n = summary.get("extra_training_images")
         lines += [f"Extra training data (training portion only; validation and test are unchanged): "

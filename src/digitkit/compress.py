@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-from digitkit import checkpoint, config, data, runs
+from digitkit import checkpoint, config, data, optim, runs
 from digitkit.config import Config
 from digitkit.errors import ConfigError
 from digitkit.evaluate import loss_and_accuracy, predict_logits
@@ -186,7 +186,7 @@ def _masking_step(masks: dict[str, torch.Tensor], label_smoothing: float) -> Any
 
     pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def step(model: DigitModel, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> Any:
+    def step(model: DigitModel, opt: optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> Any:
         if not pairs:
             params = dict(model.named_parameters())
             pairs.extend((params[n], m.to(params[n].device)) for n, m in masks.items())
@@ -254,7 +254,7 @@ def prune_run(
     step = _masking_step(masks, cfg.train.label_smoothing) if masks else None
     state = fit(cfg, model, train_set, val_set, out, meta, reporter, step_fn=step)
     summary = runs.finish_run(cfg, out, state.history, val_set, test_set, time.perf_counter() - started,
-                              stopped_early=state.stopped_early)  # fmt: skip
+                              stopped_early=state.stopped_early, fit_state=state)  # fmt: skip
     best = checkpoint.model_from_checkpoint(checkpoint.load(out / summary["checkpoint"]))
     zeros = 0 if opts.structured else round(weight_sparsity(best) * weight_count(best))
     weights_after = weight_count(best) - zeros
@@ -440,7 +440,7 @@ def distill_run(
         t.to(device)
     t_, a_, ls = opts.temperature, opts.alpha, cfg.train.label_smoothing
 
-    def step(model: DigitModel, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> Any:
+    def step(model: DigitModel, opt: optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> Any:
         p = teacher_probs(teachers, x, t_)  # the batch exactly as the student sees it, augmentation included
         logits = model(x)
         loss = distill_loss(logits, p, y, t_, a_, ls)

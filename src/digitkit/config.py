@@ -30,6 +30,9 @@ class DataConfig:
     """Folder with the four IDX files (train/t10k images/labels), raw or .gz."""
     val_fraction: float = 0.1
     """Share of each class of the training set held out for validation (stratified, seeded)."""
+    split_seed: int | None = None
+    """Seed of that hold-out; None uses the run's `seed`. Runs meant for one ensemble share it, so the ensemble
+    has a validation set that none of its members trained on."""
     verify: bool = True
     """Check SHA-256 sums from the folder's SHA256SUMS.raw before training."""
     extra_dirs: list[str] = field(default_factory=list)
@@ -87,7 +90,8 @@ class TrainConfig:
     accuracy in steps of 0.017%, so its maximum is often a lucky early epoch) or val_acc (highest)."""
     early_stopping_patience_epochs: int = 5
     """Stop after this many epochs without val-loss improvement; 0 turns early stopping off."""
-    eval_batch_size: int = 1000
+    eval_batch_size: int = 256
+    """Images per evaluation batch. On a CPU a few hundred beat thousands: the activations stay in cache."""
     device: str = "auto"
     """auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps."""
     amp: bool = True
@@ -173,6 +177,11 @@ class Config:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     """How real-world images (photos, scans, canvases) become 28x28 digits; stored with the model so the CLI,
     the server and the web page prepare input exactly alike. With deskew on, training deskews MNIST too."""
+
+    @property
+    def split_seed(self) -> int:
+        """The seed of the validation hold-out: data.split_seed if set, else seed."""
+        return self.seed if self.data.split_seed is None else self.data.split_seed
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -5,11 +5,11 @@ runs/<YYYYmmdd-HHMMSS>-cv<K>-<model>/
   cv.json           per-fold numbers, mean and std, timings    cv.md              the table, in words
   cv.png            per-fold accuracy with mean and +- std     final/             (final=True) one more run
 
-The training files are split into K stratified folds (seeded by cfg.seed, so every fold has each class in
-proportion). Fold i trains on the other K-1 folds and is validated on fold i: that held-out fold picks the fold's
-checkpoint (lowest val loss, as in every run) *and* gives the fold's score. This is the standard k-fold estimate;
-the checkpoint choice makes it slightly optimistic, by as much as picking the best of a few epochs can. The sealed
-test files are never read for the folds.
+The training files are split into K stratified folds (seeded by data.split_seed, else the seed; every fold has
+each class in proportion). Fold i trains on the other K-1 folds and is validated on fold i: that held-out fold picks
+the fold's checkpoint (lowest val loss, as in every run) *and* gives the fold's score. This is the standard k-fold
+estimate; the checkpoint choice makes it slightly optimistic, by as much as picking the best of a few epochs can. The
+sealed test files are never read for the folds.
 
 `final=True` then trains one model on the training files with the config's normal hold-out split (what
 `digitkit train` does): a validation set is still needed to pick its checkpoint, so it sees 1 - val_fraction of
@@ -91,7 +91,7 @@ def run_cv(
     workers = min(workers, folds)
     # Read and verify the training files once; the folds are index subsets of this one copy.
     full = runs.prepared(data.load_split(cfg.data.dir, "train", verify=cfg.data.verify), cfg)
-    splits = make_folds(full.labels, folds, cfg.seed)
+    splits = make_folds(full.labels, folds, cfg.split_seed)
     cv_dir = _make_cv_dir(out, root, f"cv{folds}-{cfg.model.name}")
     config.save(cfg, cv_dir / "config.yaml")
 

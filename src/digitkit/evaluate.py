@@ -18,7 +18,7 @@ from torch import nn
 def predict_logits(
     model: nn.Module,
     images: torch.Tensor,
-    batch_size: int = 1000,
+    batch_size: int = 256,
     device: torch.device | str = "cpu",
     channels_last: bool = False,
 ) -> torch.Tensor:
@@ -64,7 +64,7 @@ def predict_probs(
     noise_sigma: float = 0.0,
     noise_samples: int = 8,
     seed: int = 0,
-    batch_size: int = 1000,
+    batch_size: int = 256,
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
     """images (N, 1, H, W) uint8 or float in [0, 1] -> probabilities (N, K), as the model answers in use.
@@ -101,7 +101,7 @@ def predict_probs_shift_tta(
     model: nn.Module,
     images: torch.Tensor,
     pixels: int = 1,
-    batch_size: int = 1000,
+    batch_size: int = 256,
     device: torch.device | str = "cpu",
     channels_last: bool = False,
 ) -> torch.Tensor:

@@ -193,7 +193,7 @@ def calibration_set(cfg: Config, n: int, seed: int = 0, data_dir: str | Path | N
 
     folder = Path(data_dir) if data_dir is not None else Path(cfg.data.dir)
     full = data.load_split(folder, "train", verify=cfg.data.verify)
-    train_idx, _ = data.stratified_split(full.labels, cfg.data.val_fraction, cfg.seed)
+    train_idx, _ = data.stratified_split(full.labels, cfg.data.val_fraction, cfg.split_seed)
     fraction = min(n / len(train_idx), 0.999)
     _, pick = data.stratified_split(full.labels[train_idx], fraction, seed)
     idx = train_idx[pick]

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
-from digitkit import checkpoint, distributed
+from digitkit import checkpoint, distributed, optim
 from digitkit.augment import AugmentConfig, augment_batch
 from digitkit.config import Config, TrainConfig
 from digitkit.data import Dataset
@@ -43,7 +43,7 @@ class StepFn(Protocol):
     train_step; distillation swaps the loss, pruning re-applies its masks after the step."""
 
     def __call__(
-        self, model: DigitModel, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor
+        self, model: DigitModel, opt: optim.Optimizer, x: torch.Tensor, y: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
@@ -67,6 +67,7 @@ class FitState:
     best_val_acc: float = -1.0
     best_val_loss: float = math.inf
     best_path: str = ""
+    best_val_log_loss: float = math.nan  # the best checkpoint's plain log loss (val_loss includes label smoothing)
     stop_best_loss: float = math.inf
     stale_epochs: int = 0
     stopped_early: bool = False
@@ -82,31 +83,24 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def make_optimizer(params: Any, t: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(params: Any, t: TrainConfig) -> optim.Optimizer:
     if t.optimizer == "adam":
-        return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+        return optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
     if t.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-    return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, nesterov=t.momentum > 0, weight_decay=t.weight_decay)
+        return optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    return optim.SGD(params, lr=t.lr, momentum=t.momentum, nesterov=t.momentum > 0, weight_decay=t.weight_decay)
 
 
-def make_schedule(opt: torch.optim.Optimizer, t: TrainConfig, steps_per_epoch: int) -> tuple[Any, str]:
+def make_schedule(opt: optim.Optimizer, t: TrainConfig, steps_per_epoch: int) -> tuple[Any, str]:
     """(scheduler, when it steps: 'batch', 'epoch' or 'never')."""
     total = t.epochs * steps_per_epoch
     if t.schedule == "onecycle" and t.onecycle_pct_start * total > 1:
-        sched = torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=t.lr, total_steps=total, pct_start=t.onecycle_pct_start
-        )
-        return sched, "batch"
+        return optim.OneCycle(opt, max_lr=t.lr, total_steps=total, pct_start=t.onecycle_pct_start), "batch"
     if t.schedule in ("cosine", "onecycle"):
-        # onecycle lands here only when the run is too short for one warm-up step (OneCycleLR would divide by zero
-        # at exactly one): it anneals from the peak instead.
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total), "batch"
+        # onecycle lands here only when the run is too short for one warm-up step: it anneals from the peak instead.
+        return optim.Cosine(opt, total_steps=total), "batch"
     if t.schedule == "plateau":
-        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            opt, mode="min", factor=t.plateau_factor, patience=t.plateau_patience_epochs
-        )
-        return sched, "epoch"
+        return optim.Plateau(opt, factor=t.plateau_factor, patience=t.plateau_patience_epochs), "epoch"
     return None, "never"
 
 
@@ -157,7 +151,7 @@ def fit(
     # What validation, the checkpoints and (through them) the test figure measure: the weight average if kept.
     measured = ema.module if ema is not None else model
 
-    def plain_step(model: DigitModel, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> Any:
+    def plain_step(model: DigitModel, opt: optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> Any:
         return train_step(net, opt, x, y, t.label_smoothing, autocast, scaler)
 
     optimizer_step = step_fn if step_fn is not None else plain_step
@@ -199,7 +193,8 @@ def fit(
         # The training objective on validation data (label smoothing included): with smoothing, the plain log
         # loss has a floor well above 0 and drifts up as the model sharpens, which would stop runs too early.
         val_loss, val_acc = loss_and_accuracy(val_logits, val_part.labels, t.label_smoothing)
-        val_loss, val_acc = distributed.mean_over_ranks([val_loss, val_acc], len(val_part), world)
+        log_loss = loss_and_accuracy(val_logits, val_part.labels)[0] if t.label_smoothing else val_loss
+        val_loss, val_acc, log_loss = distributed.mean_over_ranks([val_loss, val_acc, log_loss], len(val_part), world)
         loss_total, correct_total, seen = distributed.sum_over_ranks([loss_sum.item(), correct.item(), seen], world)
         lr = opt.param_groups[0]["lr"]
         if sched_every == "epoch":
@@ -219,7 +214,7 @@ def fit(
         _update_early_stopping(state, val_loss, t.early_stopping_patience_epochs)
         state.stopped_early = distributed.broadcast(state.stopped_early, world)  # rank 0 decides for all
         if world.is_main:  # every rank holds the same weights and history; only rank 0 writes
-            _update_best(state, measured, row, run_dir, meta, t.checkpoint_metric)
+            _update_best(state, measured, row, log_loss, run_dir, meta, t.checkpoint_metric)
             write_metrics(run_dir / "metrics.csv", state.history)
             checkpoint.save(
                 run_dir / LAST,
@@ -291,7 +286,7 @@ def load_batch(
 
 def train_step(
     model: DigitModel,
-    opt: torch.optim.Optimizer,
+    opt: optim.Optimizer,
     x: torch.Tensor,
     y: torch.Tensor,
     label_smoothing: float = 0.0,
@@ -313,9 +308,10 @@ def train_step(
     return loss.detach(), logits.detach()
 
 
-def _update_best(state: FitState, model: DigitModel, row: dict, run_dir: Path, meta: dict, metric: str) -> None:
+def _update_best(state: FitState, model: DigitModel, row: dict, log_loss: float, run_dir: Path, meta: dict,
+                 metric: str) -> None:  # fmt: skip
     """Keep one best checkpoint by `metric`: val_loss (lowest, ties to higher accuracy) or val_acc (highest,
-    ties to lower loss)."""
+    ties to lower loss). `log_loss` is its validation loss without label smoothing, for the summary."""
 
     def rank(acc: float, loss: float) -> tuple[float, float]:
         return (-loss, acc) if metric == "val_loss" else (acc, -loss)
@@ -330,6 +326,7 @@ def _update_best(state: FitState, model: DigitModel, row: dict, run_dir: Path, m
     if state.best_path and Path(state.best_path).name != path.name:
         (run_dir / Path(state.best_path).name).unlink(missing_ok=True)
     state.best_val_acc, state.best_val_loss, state.best_path = row["val_acc"], row["val_loss"], path.name
+    state.best_val_log_loss = log_loss
 
 
 def _update_early_stopping(state: FitState, val_loss: float, patience_epochs: int) -> None:

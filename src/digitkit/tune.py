@@ -478,7 +478,7 @@ class Objective:
         if self._datasets is None:
             cfg = self.base
             full = runs.prepared(data.load_split(cfg.data.dir, "train", verify=cfg.data.verify), cfg)
-            train_idx, val_idx = data.stratified_split(full.labels, cfg.data.val_fraction, cfg.seed)
+            train_idx, val_idx = data.stratified_split(full.labels, cfg.data.val_fraction, cfg.split_seed)
             train = full.subset(train_idx)
             self._datasets = (data.concat([train, *runs.load_extra_sets(cfg, train)]), full.subset(val_idx))
         return self._datasets

@@ -173,7 +173,7 @@ def _reference_baseline(opened: Any, recognizer: Recognizer) -> Baseline:
         log.warning("no reference data for the drift baseline (%s); assuming uniform classes", e)
         k = len(recognizer.classes)
         return Baseline({c: 1 / k for c in recognizer.classes}, 0.9, 0.0, 0, "uniform prior (no data)")
-    _, val_idx = data.stratified_split(full.labels, cfg.data.val_fraction, cfg.seed)
+    _, val_idx = data.stratified_split(full.labels, cfg.data.val_fraction, cfg.split_seed)
     val = runs.prepared(full.subset(val_idx[:BASELINE_IMAGES]), cfg)
     pres = [Preprocessed(x.float().div(255)) for x in val.images]
     answers = recognizer.answers(pres)
