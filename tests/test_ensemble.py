@@ -8,7 +8,7 @@ import torch
 from digitkit import config, data, ensemble, runs
 from digitkit.cli import main
 from digitkit.errors import ConfigError
-from digitkit.evaluate import predict_probs
+from digitkit.evaluate import accuracy, predict_probs, predict_probs_shift_tta
 
 from .conftest import make_idx_dir
 
@@ -64,3 +64,53 @@ def test_ensemble_refuses_mismatched_or_single_members(two_runs, tmp_path):
         ensemble.build([paths[0], tmp_path / "six-run"])
     with pytest.raises(ConfigError, match="weighting 'best'"):
         ensemble.build(paths, "best")
+
+
+@pytest.fixture(scope="module")
+def shared_split_runs(two_runs, tmp_path_factory):
+    folder, _ = two_runs
+    root = tmp_path_factory.mktemp("ens-shared")
+    out = []
+    for seed in (2, 3):
+        cfg = config.load(None, [f"data.dir={folder}", "model.name=cnn1", "train.epochs=2", f"seed={seed}",
+                                 "data.split_seed=5", "augment.recipe=none"])  # fmt: skip
+        runs.train_run(cfg, out=root / f"run{seed}")
+        out.append(root / f"run{seed}")
+    return folder, out
+
+
+def test_members_sharing_a_split_give_the_ensemble_a_validation_figure(shared_split_runs, two_runs, tmp_path,
+                                                                      capsys):  # fmt: skip
+    folder, paths = shared_split_runs
+    code = main(["ensemble", *map(str, paths), "--json", "--out", str(tmp_path / "e.json")])
+    r = json.loads(capsys.readouterr().out)
+    assert code == 0 and r["shifts"] == 0
+    cfg = runs.open_model(paths[0]).cfg
+    val, _ = runs.evaluation_data(cfg, "val", folder)
+    assert cfg.split_seed == 5 and len(val) == 24
+    each = [predict_probs(runs.open_model(p).model, val.images) for p in paths]
+    assert r["val_accuracy"] == accuracy(sum(each) / 2, val.labels)
+    # The first fixture's members held out different images: no figure rather than a contaminated one.
+    code = main(["ensemble", *map(str, two_runs[1]), "--json", "--out", str(tmp_path / "f.json")])
+    assert code == 0 and json.loads(capsys.readouterr().out)["val_accuracy"] is None
+
+
+def test_ensemble_with_shifts_averages_each_members_shifted_views(shared_split_runs, tmp_path, capsys):
+    folder, paths = shared_split_runs
+    assert main(["ensemble", *map(str, paths), "--shifts", "1", "--json", "--out", str(tmp_path / "e.json")]) == 0
+    r = json.loads(capsys.readouterr().out)
+    test = data.load_split(folder, "test")
+    each = [predict_probs_shift_tta(runs.open_model(p).model, test.images, 1) for p in paths]
+    assert r["shifts"] == 1 and r["accuracy"] == accuracy(sum(each) / 2, test.labels)
+    assert [m["test_accuracy"] for m in r["members"]] == [accuracy(p, test.labels) for p in each]
+    with pytest.raises(SystemExit):
+        main(["ensemble", *map(str, paths), "--shifts", "0"])
+
+
+def test_members_must_prepare_images_alike(two_runs, tmp_path):
+    folder, paths = two_runs
+    cfg = config.load(None, [f"data.dir={folder}", "model.name=cnn1", "train.epochs=1", "preprocess.deskew=true",
+                             "augment.recipe=none"])  # fmt: skip
+    runs.train_run(cfg, out=tmp_path / "deskewed")
+    with pytest.raises(ConfigError, match="deskewed digits"):
+        ensemble.build([paths[0], tmp_path / "deskewed"])

@@ -162,7 +162,7 @@ def test_one_best_checkpoint_is_kept_by_the_chosen_metric(tmp_path, metric, kept
     state = train.FitState()
     for epoch, loss, acc in [(1, 0.5, 0.90), (2, 0.4, 0.97), (3, 0.3, 0.96), (4, 0.35, 0.97)]:
         row = {"epoch": epoch, "val_loss": loss, "val_acc": acc, "train_loss": loss, "train_acc": acc}
-        train._update_best(state, model, row, tmp_path, meta, metric)
+        train._update_best(state, model, row, loss, tmp_path, meta, metric)
     kept = list(tmp_path.glob("best-*.pt"))
     assert len(kept) == 1 and f"-e{kept_epoch:03d}-" in kept[0].name
     assert torch.load(kept[0], weights_only=True)["metrics"]["epoch"] == kept_epoch
@@ -237,8 +237,9 @@ def test_default_recipe_reaches_99_3_percent(tmp_path):
 
 @pytest.mark.slow
 def test_fast_recipe_reaches_99_percent_in_one_pass(tmp_path):
-    """configs/fast.yaml, as `digitkit train` runs it: one epoch, >= 98.9% on the sealed test set for seed 0 (its
-    5-seed mean is in benchmarks/results/speedrun-fast.json; the time is a benchmark's business, not a test's)."""
+    """configs/fast.yaml, as `digitkit train` runs it: 90% of one pass, >= 98.9% on the sealed test set for seed 0
+    (its 5-seed mean is in benchmarks/results/speedrun-fast.json; the time is a benchmark's business, not a
+    test's)."""
     cfg = config.load(ROOT / "configs" / "fast.yaml", [f"data.dir={ROOT / 'data' / 'mnist'}"])
     summary = runs.train_run(cfg, out=tmp_path / "fast")
     assert summary["epochs"] == 1 and summary["test_accuracy"] >= 0.989, summary

@@ -599,6 +599,9 @@ def build_parser() -> argparse.ArgumentParser:
     en.add_argument("runs", nargs="+", metavar="RUN", help="run folders or checkpoints (at least two)")
     en.add_argument("--weights", choices=("equal", "val"), default="equal",
                     help="equal, or proportional to each run's validation accuracy")  # fmt: skip
+    en.add_argument("--shifts", type=_positive, metavar="PIXELS",
+                    help="test-time augmentation: each member's mean over the image and its copies shifted by PIXELS "
+                         "left, right, up and down (default: off)")  # fmt: skip
     en.add_argument("--data-dir", help="folder with the IDX files (default: the first run's data.dir)")
     en.add_argument("--out", help="JSON file to write (default: runs/ensemble-<time>.json)")
     en.add_argument("--runs-root", default="runs", help=argparse.SUPPRESS)
@@ -979,23 +982,41 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
     import time
 
     from digitkit import ensemble, metrics, runs
-    from digitkit.evaluate import accuracy, predict_probs
+    from digitkit.evaluate import accuracy, predict_probs, predict_probs_shift_tta
     from digitkit.idx import atomic_write_bytes
 
     model, members = ensemble.build(args.runs, args.weights)
     cfg = runs.open_model(args.runs[0]).cfg
+    weights = [m["weight"] for m in members]
+
+    def member_probs(images: Any) -> list[Any]:
+        if args.shifts:
+            return [predict_probs_shift_tta(m, images, args.shifts) for m in model.members]
+        return [predict_probs(m, images) for m in model.members]
+
+    val_accuracy = None
+    if ensemble.shared_validation(members):  # images none of the members trained on
+        val, _ = runs.evaluation_data(cfg, "val", args.data_dir)
+        each = member_probs(val.images)
+        for m, probs in zip(members, each, strict=True):
+            m["val_accuracy_measured"] = accuracy(probs, val.labels)
+        val_accuracy = accuracy(ensemble.combine(each, weights), val.labels)
     ds, _ = runs.evaluation_data(cfg, "test", args.data_dir)  # reported once; nothing is chosen on it
-    for m, member in zip(members, model.members, strict=True):
-        m["test_accuracy"] = accuracy(predict_probs(member, ds.images), ds.labels)
-    probs = predict_probs(model, ds.images)
+    each = member_probs(ds.images)
+    for m, probs in zip(members, each, strict=True):
+        m["test_accuracy"] = accuracy(probs, ds.labels)
+    probs = ensemble.combine(each, weights)
     result = {
         "members": members,
         "weights": args.weights,
+        "shifts": args.shifts or 0,
+        "val_accuracy": val_accuracy,
         **{k: v for k, v in metrics.classification_metrics(ds.labels, probs, ds.classes).items()
            if k in ("n", "accuracy", "errors", "log_loss", "macro_f1")},
         "best_member_test_accuracy": max(m["test_accuracy"] for m in members),
         "note": "the mean of the members' probabilities; weights come from validation only, and the test set is "
-        "read once to report",
+        "read once to report. val_accuracy is measured only when the members share their validation images "
+        "(data.split_seed); otherwise each member trained on the others' validation images and it is null.",
     }  # fmt: skip
     out = Path(args.out) if args.out else Path(args.runs_root) / f"ensemble-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -1006,9 +1027,12 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
     for m in members:
         print(f"  {m['path']}: test {100 * m['test_accuracy']:.2f}% (val {100 * m['val_accuracy']:.2f}%, "
               f"weight {m['weight']:.3f})")
-    print(f"ensemble of {len(members)} ({args.weights} weights): test {100 * result['accuracy']:.2f}% "
-          f"({result['errors']} errors), log loss {result['log_loss']:.4f}; best member "
-          f"{100 * result['best_member_test_accuracy']:.2f}%; wrote {out}")
+    shifts = f", {args.shifts}-px shifts" if args.shifts else ""
+    val_text = (f"validation {100 * val_accuracy:.2f}%" if val_accuracy is not None else
+                "no shared validation images (train the members with one data.split_seed)")
+    print(f"ensemble of {len(members)} ({args.weights} weights{shifts}): {val_text}; test "
+          f"{100 * result['accuracy']:.2f}% ({result['errors']} errors), log loss {result['log_loss']:.4f}; "
+          f"best member {100 * result['best_member_test_accuracy']:.2f}%; wrote {out}")
     return 0
 
 
@@ -1490,7 +1514,9 @@ EXAMPLES: dict[str, tuple[str, list[str]]] = {
         "digitkit read --model runs/latest postcode.jpg --pattern '[0-9]{5}'",
         "digitkit read --model runs/latest amount.png --json",
     ]),
-    "ensemble": ("", ["digitkit ensemble runs/a runs/b runs/c --weights val"]),
+    "ensemble": ("Members trained with one data.split_seed share their validation images, and the ensemble is "
+                 "measured on them too.", ["digitkit ensemble runs/a runs/b runs/c --weights val",
+                                           "digitkit ensemble runs/ens/* --shifts 1"]),
     "models": ("", ["digitkit models", "digitkit models --json"]),
     "serve": ("Then open http://127.0.0.1:8000/ for the drawing page. Secrets come from the environment: "
               "DIGITKIT_API_KEY (prediction routes), DIGITKIT_ADMIN_TOKEN (admin routes), or the --*-file flags.", [
@@ -1606,9 +1632,13 @@ def run() -> NoReturn:
 
     Before exiting it freezes the garbage collector's view of the heap: the interpreter's last collection would
     otherwise walk every object torch created, about 0.25 s on 2 cores (a twentieth of fast.yaml's budget) spent on
-    memory the process is about to give back. Files are closed and flushed by then; main() writes them atomically."""
+    memory the process is about to give back. Files are closed and flushed by then; main() writes them atomically.
+    Not under torchrun: there that collection is what stops the data-parallel wrapper's communication threads
+    before the process exits (without it the C++ runtime aborts)."""
     code = main()
-    gc.freeze()
+    distributed = sys.modules.get("digitkit.distributed")
+    if distributed is None or distributed.world().size == 1:
+        gc.freeze()
     sys.exit(code)
 
 

@@ -1,5 +1,6 @@
 """Several trained runs answering as one: the mean of their probabilities, equal or weighted by each run's own
-validation accuracy (never by anything measured on the test set).
+validation accuracy (never by anything measured on the test set). Members trained with one `data.split_seed` share
+their validation images, which then measure the ensemble as well.
 
 `EnsembleModel` is an nn.Module whose output is the log of the weighted mean probability, so its softmax is
 that mean: it drops into anything that takes a model (evaluate_model, the Recognizer behind predict and read).
@@ -52,6 +53,11 @@ def build(paths: list[str | Path], weighting: str = "equal") -> tuple[EnsembleMo
             if o.ckpt[key] != first[key]:
                 raise ConfigError(f"{o.checkpoint_path}: its {key} {o.ckpt[key]!r} differ from "
                                   f"{opened[0].checkpoint_path}'s {first[key]!r}; members must read the same data")
+        if o.cfg.preprocess.deskew != opened[0].cfg.preprocess.deskew:
+            raise ConfigError(f"{o.checkpoint_path} was trained {'with' if o.cfg.preprocess.deskew else 'without'} "
+                              f"deskewed digits and {opened[0].checkpoint_path} "
+                              f"{'with' if opened[0].cfg.preprocess.deskew else 'without'}; members must read "
+                              "identically prepared images")  # fmt: skip
     val = [float(o.ckpt.get("metrics", {}).get("val_acc", float("nan"))) for o in opened]
     if weighting == "val" and any(v != v for v in val):  # NaN: a checkpoint without validation metrics
         raise ConfigError("--weights val needs every member's validation accuracy; a checkpoint lacks it")
@@ -59,7 +65,18 @@ def build(paths: list[str | Path], weighting: str = "equal") -> tuple[EnsembleMo
     model = EnsembleModel([o.model for o in opened], weights).eval()
     records = [
         {"path": str(o.checkpoint_path), "model": o.cfg.model.name, "seed": o.cfg.seed, "val_accuracy": v,
-         "weight": float(w)}
+         "weight": float(w), "split_seed": o.cfg.split_seed, "val_fraction": o.cfg.data.val_fraction}
         for o, v, w in zip(opened, val, model.weights.tolist(), strict=True)
     ]  # fmt: skip
     return model, records
+
+
+def shared_validation(records: list[dict[str, Any]]) -> bool:
+    """True when every member held out the same validation images (one split seed and fraction: `data.split_seed`),
+    so the ensemble can be measured on images none of its members trained on."""
+    return len({(r["split_seed"], r["val_fraction"]) for r in records}) == 1
+
+
+def combine(member_probs: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """The weighted mean of the members' probabilities (N, K), as EnsembleModel computes it."""
+    return sum(w * p for w, p in zip(weights, member_probs, strict=True))
