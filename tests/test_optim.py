@@ -160,3 +160,19 @@ def test_config_choices_all_build_with_digitkit_optim():
     for name in config.OPTIMIZERS:
         cfg = config.load(None, [f"train.optimizer={name}"]).train
         assert isinstance(train.make_optimizer(create_model("cnn1").parameters(), cfg), optim.Optimizer)
+
+
+def test_a_loss_scaler_drives_it_like_torch_optim():
+    """The float16 GPU path steps through torch.amp.GradScaler; on the CPU the scaler works the same way."""
+    a, b = _net(), _net()
+    oa, ob = optim.AdamW(a.parameters(), lr=3e-3), torch.optim.AdamW(b.parameters(), lr=3e-3)
+    sa, sb = torch.amp.GradScaler("cpu", init_scale=2.0**10), torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    for x, y in _batches(5):
+        for model, opt, scaler in ((a, oa, sa), (b, ob, sb)):
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
+            scaler.step(opt)
+            scaler.update()
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+    assert sa.get_scale() == sb.get_scale()
