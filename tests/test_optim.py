@@ -176,3 +176,11 @@ def test_a_loss_scaler_drives_it_like_torch_optim():
     for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
     assert sa.get_scale() == sb.get_scale()
+
+
+def test_one_cycle_leaves_sgd_without_momentum_alone():
+    opt = optim.SGD(create_model("cnn1").parameters(), lr=0.1)
+    sched = optim.OneCycle(opt, max_lr=0.1, total_steps=20)
+    for _ in range(20):
+        sched.step()
+        assert opt.param_groups[0]["momentum"] == 0.0

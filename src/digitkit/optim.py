@@ -186,7 +186,8 @@ def _cos_anneal(start: float, end: float, pct: float) -> float:
 class OneCycle:
     """Smith's one-cycle policy (torch's OneCycleLR, cosine, two phases): the learning rate rises from
     max_lr/div_factor to max_lr over the first pct_start of the steps, then falls to 1/final_div_factor of its
-    start; momentum (Adam's beta1) moves the opposite way between max_momentum and base_momentum."""
+    start; momentum (Adam's beta1, SGD's momentum) moves the opposite way between max_momentum and base_momentum.
+    Unlike OneCycleLR, plain SGD without momentum stays without: a momentum of 0 is not cycled up to 0.95."""
 
     def __init__(self, opt: Optimizer, max_lr: float, total_steps: int, pct_start: float = 0.3,
                  div_factor: float = 25.0, final_div_factor: float = 1e4, base_momentum: float = 0.85,
