@@ -982,27 +982,22 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
     import time
 
     from digitkit import ensemble, metrics, runs
-    from digitkit.evaluate import accuracy, predict_probs, predict_probs_shift_tta
+    from digitkit.evaluate import accuracy
     from digitkit.idx import atomic_write_bytes
 
     model, members = ensemble.build(args.runs, args.weights)
     cfg = runs.open_model(args.runs[0]).cfg
     weights = [m["weight"] for m in members]
 
-    def member_probs(images: Any) -> list[Any]:
-        if args.shifts:
-            return [predict_probs_shift_tta(m, images, args.shifts) for m in model.members]
-        return [predict_probs(m, images) for m in model.members]
-
     val_accuracy = None
     if ensemble.shared_validation(members):  # images none of the members trained on
         val, _ = runs.evaluation_data(cfg, "val", args.data_dir)
-        each = member_probs(val.images)
+        each = ensemble.member_probs(model, val.images, args.shifts or 0)
         for m, probs in zip(members, each, strict=True):
             m["val_accuracy_measured"] = accuracy(probs, val.labels)
         val_accuracy = accuracy(ensemble.combine(each, weights), val.labels)
     ds, _ = runs.evaluation_data(cfg, "test", args.data_dir)  # reported once; nothing is chosen on it
-    each = member_probs(ds.images)
+    each = ensemble.member_probs(model, ds.images, args.shifts or 0)
     for m, probs in zip(members, each, strict=True):
         m["test_accuracy"] = accuracy(probs, ds.labels)
     probs = ensemble.combine(each, weights)

@@ -80,3 +80,13 @@ def shared_validation(records: list[dict[str, Any]]) -> bool:
 def combine(member_probs: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
     """The weighted mean of the members' probabilities (N, K), as EnsembleModel computes it."""
     return sum(w * p for w, p in zip(weights, member_probs, strict=True))
+
+
+def member_probs(model: EnsembleModel, images: torch.Tensor, shifts: int = 0) -> list[torch.Tensor]:
+    """Each member's probabilities (N, K) for images (N, C, H, W) uint8 or float in [0, 1]: plain, or with
+    test-time shifts (the mean over the image and its copies moved `shifts` px left, right, up and down)."""
+    from digitkit.evaluate import predict_logits, predict_probs_shift_tta
+
+    if shifts:
+        return [predict_probs_shift_tta(m, images, shifts, channels_last=True) for m in model.members]
+    return [predict_logits(m, images, channels_last=True).softmax(1) for m in model.members]
