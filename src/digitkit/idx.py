@@ -73,8 +73,18 @@ def cached_raw(path: str | Path) -> tuple[bytes, str | None]:
         if f.read(2) != b"\x1f\x8b":
             return read_bytes(path), None
     key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:24]
-    folder = cache_dir() / "idx"
-    for copy in sorted(folder.glob(f"{path.name}.{key}.*.raw")):
+    folder, stem = cache_dir() / "idx", f"{path.name}.{key}"
+    found = read_cached(folder, stem, "raw")
+    if found is not None:
+        return found
+    raw = read_bytes(path)
+    return raw, write_cached(folder, stem, "raw", raw)
+
+
+def read_cached(folder: Path, stem: str, suffix: str) -> tuple[bytes, str] | None:
+    """(bytes, SHA-256) of the cached copy folder/<stem>.<sha256>.<suffix> whose bytes match the SHA-256 in its
+    name, or None. A copy that does not match (altered, truncated) is deleted, never returned."""
+    for copy in sorted(folder.glob(f"{stem}.*.{suffix}")):
         try:
             raw = copy.read_bytes()
         except OSError:
@@ -83,13 +93,18 @@ def cached_raw(path: str | Path) -> tuple[bytes, str | None]:
         if digest == copy.name.split(".")[-2]:
             return raw, digest
         copy.unlink(missing_ok=True)
-    raw = read_bytes(path)
+    return None
+
+
+def write_cached(folder: Path, stem: str, suffix: str, raw: bytes) -> str:
+    """Keep raw as folder/<stem>.<sha256>.<suffix> (atomically) for read_cached; returns its SHA-256. A cache that
+    cannot be written (read-only home, full disk) is skipped: it only ever saves time."""
     digest = sha256(raw)
     try:
-        atomic_write_bytes(folder / f"{path.name}.{key}.{digest}.raw", raw)
+        atomic_write_bytes(folder / f"{stem}.{digest}.{suffix}", raw)
     except OSError:
         pass
-    return raw, digest
+    return digest
 
 
 def sha256(raw: bytes) -> str:
