@@ -1,18 +1,20 @@
 """The ensemble recipe: best.yaml members trained on one shared validation split, combined as `digitkit ensemble`.
 
 1. Training (`--train`): one `digitkit train --config configs/best.yaml` run per member below, every one with
-   `data.split_seed=10`, so all of them hold out the same 6,000 training images. The first member adds elastic
-   distortion (Simard et al.; augment.elastic.p=0.5) to best.yaml's jitter. Runs already finished are kept.
+   `data.split_seed=10`, so all of them hold out the same 6,000 training images. Kinds: "plain" is best.yaml as it
+   is; "elastic" adds elastic distortion (Simard et al.; augment.elastic.p=0.5) to its jitter; "deskew" trains on
+   deskewed digits (preprocess.deskew), the same model reading differently prepared input. Runs already finished
+   are kept.
 2. Every member's probabilities on those validation images and on the test set, plain and with test-time shifts
-   of 1 px (`ensemble.member_probs`, what `digitkit ensemble [--shifts 1]` computes; kept in each run folder). The
-   variants (all members or the plain best.yaml ones; shifts or not) are compared on validation, which none of the
-   members trained on, and the best one (ties: the simpler) is the recipe. Test figures are printed for every
-   variant but choose nothing.
+   of 1 px (`ensemble.member_probs`, what `digitkit ensemble [--shifts 1]` computes, deskewed members deskewing
+   their own copies; kept in each run folder). The VARIANTS (shifts or not) are compared on validation, which none
+   of the members trained on, and the best one that trains within 2 hours (ties: the simpler) is the recipe. Test
+   figures are printed for every variant but choose nothing.
 3. Time: the sum of the members' whole training runs (summary.json total_seconds plus finish_seconds), and the
    same with each run's epochs counted at its median epoch time, which discounts other work on a shared machine.
 
     python benchmarks/ensemble.py --train [--runs runs/ens]
-    python benchmarks/ensemble.py [--runs runs/ens] [--members 5]
+    python benchmarks/ensemble.py [--runs runs/ens] [--members 8]
 
 Writes benchmarks/results/ensemble.json.
 """
@@ -39,8 +41,25 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from speedrun import cpu_info  # noqa: E402
 
 SPLIT_SEED = 10
-# (seed, kind): kind "elastic" adds augment.elastic.p=0.5 to configs/best.yaml.
-MEMBERS = [(10, "elastic"), (11, "plain"), (12, "plain"), (13, "plain"), (14, "plain")]
+# (seed, kind): kind "elastic" adds augment.elastic.p=0.5 to configs/best.yaml, "deskew" preprocess.deskew=true.
+MEMBERS = [(10, "elastic"), (11, "plain"), (12, "plain"), (13, "plain"), (14, "plain"),
+           (15, "deskew"), (16, "deskew"), (17, "deskew")]  # fmt: skip
+# The variants compared on validation: (name, {kind: how many members of that kind, the first ones above}). Only
+# those that train within BUDGET_MINUTES (at each run's median epoch time) may be chosen. The deskewed members and
+# the variants with them were added after the first 5 members' figures were known (the plain ensemble was stuck at
+# 99.83-99.85% on validation), before any deskewed member had a figure, except "4 plain + 3 deskewed": added once
+# deskew-15's time (16.7 min) showed it might fit, with its validation figure known and no test figure.
+VARIANTS = [
+    ("all 5 of the first recipe", {"elastic": 1, "plain": 4}),
+    ("4 plain", {"plain": 4}),
+    ("3 deskewed", {"deskew": 3}),
+    ("2 plain + 2 deskewed", {"plain": 2, "deskew": 2}),
+    ("3 plain + 3 deskewed", {"plain": 3, "deskew": 3}),
+    ("4 plain + 2 deskewed", {"plain": 4, "deskew": 2}),
+    ("4 plain + 3 deskewed", {"plain": 4, "deskew": 3}),
+]
+BUDGET_MINUTES = 120
+EXTRA = {"plain": [], "elastic": ["--set", "augment.elastic.p=0.5"], "deskew": ["--set", "preprocess.deskew=true"]}
 
 
 def member_dir(root: Path, seed: int, kind: str) -> Path:
@@ -53,7 +72,7 @@ def train(root: Path, members: list[tuple[int, str]]) -> None:
         if (out / "summary.json").is_file():
             print(f"{out}: already trained", flush=True)
             continue
-        extra = ["--set", "augment.elastic.p=0.5"] if kind == "elastic" else []
+        extra = EXTRA[kind]
         cmd = [sys.executable, "-m", "digitkit", "train", "--config", str(ROOT / "configs" / "best.yaml"),
                "--set", f"seed={seed}", "--set", f"data.split_seed={SPLIT_SEED}", *extra, "--out", str(out),
                "--quiet"]  # fmt: skip
@@ -105,6 +124,7 @@ def main() -> None:
         raise SystemExit("the members do not share their validation images (data.split_seed)")
     cfg = runs.open_model(dirs[0]).cfg
     cfg.data.dir = str(ROOT / "data" / "mnist")
+    cfg.preprocess.deskew = model.input_deskew  # deskewed members deskew their own copies (ensemble.Deskewed)
     val, _ = runs.evaluation_data(cfg, "val")
     test, _ = runs.evaluation_data(cfg, "test")
     each = [member_probs(d, m, {"val": val.images, "test": test.images})
@@ -122,12 +142,14 @@ def main() -> None:
         print(f"{d.name:<12s} {100 * fig['val_accuracy']:>7.2f} {100 * fig['val_accuracy_shifts']:>10.2f} "
               f"{100 * fig['test_accuracy']:>7.2f} {100 * fig['test_accuracy_shifts']:>11.2f} {seconds[i] / 60:>8.1f}")
 
-    subsets = {"all members": list(range(len(dirs))),
-               "plain best.yaml members": [i for i, (_, k) in enumerate(members) if k == "plain"]}  # fmt: skip
+    trained = {}
+    for i, (_, kind) in enumerate(members):
+        trained.setdefault(kind, []).append(i)
     variants = []
-    for name, idx in subsets.items():
-        if len(idx) < 2:  # not an ensemble
-            continue
+    for name, counts in VARIANTS:
+        if any(len(trained.get(kind, [])) < n for kind, n in counts.items()):
+            continue  # not all its members are in this run of the script (--members)
+        idx = sorted(i for kind, n in counts.items() for i in trained[kind][:n])
         for shifts in (0, 1):
 
             def acc(split: str, idx: list[int] = idx, shifts: int = shifts) -> float:
@@ -137,11 +159,14 @@ def main() -> None:
             variants.append({"members": name, "n": len(idx), "shifts": shifts, "val_accuracy": acc("val"),
                              "test_accuracy": acc("test"), "minutes": sum(steady[i] for i in idx) / 60,
                              "runs": [dirs[i].name for i in idx]})  # fmt: skip
+    eligible = [v for v in variants if v["minutes"] <= BUDGET_MINUTES]
+    if not eligible:
+        raise SystemExit(f"no variant trains within {BUDGET_MINUTES} minutes")
     # Validation alone decides; on a tie the fewer members, then no shifts.
-    best = max(variants, key=lambda v: (v["val_accuracy"], -v["n"], -v["shifts"]))
+    best = max(eligible, key=lambda v: (v["val_accuracy"], -v["n"], -v["shifts"]))
     print(f"\n{'variant':<38s} {'val %':>7s} {'test %':>7s} {'minutes':>8s}")
     for v in variants:
-        mark = "  <- chosen on validation" if v is best else ""
+        mark = "  <- chosen on validation" if v is best else "" if v in eligible else "  (over the budget)"
         print(f"{v['members'] + (', shifts' if v['shifts'] else ''):<38s} {100 * v['val_accuracy']:>7.2f} "
               f"{100 * v['test_accuracy']:>7.2f} {v['minutes']:>8.1f}{mark}")  # fmt: skip
     command = ("digitkit ensemble " + " ".join(str(root / r) for r in best["runs"])
@@ -156,8 +181,8 @@ def main() -> None:
         "command": command,
         "train_minutes_total": sum(seconds) / 60,
         "train_minutes_total_at_median_epoch_time": sum(steady) / 60,
-        "goal": {"test_accuracy": 0.998, "minutes": 120,
-                 "met": best["test_accuracy"] >= 0.998 and best["minutes"] <= 120},  # fmt: skip
+        "goal": {"test_accuracy": 0.998, "minutes": BUDGET_MINUTES,
+                 "met": best["test_accuracy"] >= 0.998 and best["minutes"] <= BUDGET_MINUTES},  # fmt: skip
         "cpu": cpu_info(),
         "torch": torch.__version__,
         "python": platform.python_version(),

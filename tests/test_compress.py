@@ -185,6 +185,26 @@ def test_distillation_refuses_mismatched_teachers(source, tmp_path):
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
+def test_distillation_feeds_teachers_images_prepared_as_they_were_trained(source, tmp_path):
+    folder, src = source
+    cfg = config.load(None, [f"data.dir={folder}", "model.name=cnn1", "train.epochs=1", "preprocess.deskew=true",
+                             "augment.recipe=none"])  # fmt: skip
+    runs.train_run(cfg, out=tmp_path / "deskewed")
+    deskewed_student = compress.student_config(runs.open_model(tmp_path / "deskewed").cfg, "mlp", None,
+                                               ["train.epochs=1"])  # fmt: skip
+    with pytest.raises(ConfigError, match="preprocess.deskew=false"):  # src read plain images
+        compress.distill_run([src], deskewed_student, compress.DistillOptions(), out=tmp_path / "x")
+    # A mix: the student reads plain images, and the deskewed teacher deskews its own copy.
+    with pytest.raises(ConfigError, match="in a mix"):
+        compress.distill_run([tmp_path / "deskewed", src], deskewed_student, compress.DistillOptions(),
+                             out=tmp_path / "y")  # fmt: skip
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    plain_student = compress.student_config(runs.open_model(src).cfg, "mlp", None, ["train.epochs=1"])
+    summary = compress.distill_run([tmp_path / "deskewed", src], plain_student, compress.DistillOptions(),
+                                   out=tmp_path / "z")  # fmt: skip
+    assert summary["distill"]["teacher_test_accuracy"] is not None
+
+
 def test_bad_options_are_one_line_errors(source, tmp_path, capsys):
     _, src = source
     for bad in ("0", "1.5", "a,b", ""):

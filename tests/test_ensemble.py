@@ -13,16 +13,20 @@ from digitkit.evaluate import accuracy, predict_probs, predict_probs_shift_tta
 from .conftest import make_idx_dir
 
 
+def train(folder, out, *overrides):
+    """A 2-epoch cnn1 run without augmentation on `folder`, `overrides` applied; returns its folder."""
+    cfg = config.load(None, [f"data.dir={folder}", "model.name=cnn1", "train.epochs=2", "augment.recipe=none",
+                             *overrides])  # fmt: skip
+    runs.train_run(cfg, out=out)
+    return out
+
+
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("ens")
     folder = make_idx_dir(root / "tiny", num_classes=4)
-    out = []
-    for seed, model in ((0, "cnn1"), (1, "mlp")):
-        cfg = config.load(None, [f"data.dir={folder}", f"model.name={model}", "train.epochs=2", f"seed={seed}",
-                                 "augment.recipe=none"])  # fmt: skip
-        runs.train_run(cfg, out=root / f"run{seed}")
-        out.append(root / f"run{seed}")
+    out = [train(folder, root / f"run{seed}", f"seed={seed}", f"model.name={model}")
+           for seed, model in ((0, "cnn1"), (1, "mlp"))]  # fmt: skip
     return folder, out
 
 
@@ -58,10 +62,9 @@ def test_ensemble_refuses_mismatched_or_single_members(two_runs, tmp_path):
     with pytest.raises(ConfigError, match="at least two runs"):
         ensemble.build(paths[:1])
     other = make_idx_dir(tmp_path / "six", num_classes=6)
-    cfg = config.load(None, [f"data.dir={other}", "model.name=mlp", "train.epochs=1", "augment.recipe=none"])
-    runs.train_run(cfg, out=tmp_path / "six-run")
+    six = train(other, tmp_path / "six-run", "model.name=mlp", "train.epochs=1")
     with pytest.raises(ConfigError, match="classes"):
-        ensemble.build([paths[0], tmp_path / "six-run"])
+        ensemble.build([paths[0], six])
     with pytest.raises(ConfigError, match="weighting 'best'"):
         ensemble.build(paths, "best")
 
@@ -70,13 +73,7 @@ def test_ensemble_refuses_mismatched_or_single_members(two_runs, tmp_path):
 def shared_split_runs(two_runs, tmp_path_factory):
     folder, _ = two_runs
     root = tmp_path_factory.mktemp("ens-shared")
-    out = []
-    for seed in (2, 3):
-        cfg = config.load(None, [f"data.dir={folder}", "model.name=cnn1", "train.epochs=2", f"seed={seed}",
-                                 "data.split_seed=5", "augment.recipe=none"])  # fmt: skip
-        runs.train_run(cfg, out=root / f"run{seed}")
-        out.append(root / f"run{seed}")
-    return folder, out
+    return folder, [train(folder, root / f"run{seed}", f"seed={seed}", "data.split_seed=5") for seed in (2, 3)]
 
 
 def test_members_sharing_a_split_give_the_ensemble_a_validation_figure(shared_split_runs, two_runs, tmp_path,
@@ -107,10 +104,53 @@ def test_ensemble_with_shifts_averages_each_members_shifted_views(shared_split_r
         main(["ensemble", *map(str, paths), "--shifts", "0"])
 
 
-def test_members_must_prepare_images_alike(two_runs, tmp_path):
-    folder, paths = two_runs
-    cfg = config.load(None, [f"data.dir={folder}", "model.name=cnn1", "train.epochs=1", "preprocess.deskew=true",
-                             "augment.recipe=none"])  # fmt: skip
-    runs.train_run(cfg, out=tmp_path / "deskewed")
-    with pytest.raises(ConfigError, match="deskewed digits"):
-        ensemble.build([paths[0], tmp_path / "deskewed"])
+@pytest.fixture(scope="module")
+def mixed_runs(shared_split_runs, tmp_path_factory):
+    """shared_split_runs' two plain members and one trained on deskewed digits, all on one split."""
+    folder, plain = shared_split_runs
+    root = tmp_path_factory.mktemp("ens-mixed")
+    return folder, [*plain, train(folder, root / "deskewed", "seed=4", "data.split_seed=5", "preprocess.deskew=true")]
+
+
+def test_a_deskewed_member_deskews_its_own_copy_in_a_mix(mixed_runs):
+    folder, paths = mixed_runs
+    model, members = ensemble.build(paths)
+    assert not model.input_deskew and [m["deskew"] for m in members] == [False, False, True]
+    assert isinstance(model.members[2], ensemble.Deskewed) and not isinstance(model.members[0], ensemble.Deskewed)
+    test = data.load_split(folder, "test")
+    own = runs.open_model(paths[2])
+    own_test, _ = runs.evaluation_data(own.cfg, "test", folder)  # what the member was measured on
+    assert not torch.equal(own_test.images, test.images)
+    expected = predict_probs(own.model, own_test.images)
+    for shifts in (0, 1):
+        each = ensemble.member_probs(model, test.images, shifts)
+        alone = expected if not shifts else predict_probs_shift_tta(own.model, own_test.images, 1)
+        assert torch.equal(each[2], alone)  # exactly the member's own figures
+        assert torch.equal(each[0], predict_probs(runs.open_model(paths[0]).model, test.images) if not shifts else
+                           predict_probs_shift_tta(runs.open_model(paths[0]).model, test.images, 1))  # fmt: skip
+    # The module itself (what predict and serve would call) deskews float input the same way.
+    x = test.images.float() / 255
+    with torch.no_grad():
+        assert torch.allclose(model.members[2](x).softmax(1), expected, atol=1e-5)
+        mean = ensemble.combine(ensemble.member_probs(model, test.images), model.weights.tolist())
+        assert torch.allclose(model(x).exp(), mean, atol=1e-5)
+
+
+def test_the_ensemble_command_reports_a_mix_with_each_members_own_figures(mixed_runs, tmp_path, capsys):
+    folder, paths = mixed_runs
+    assert main(["ensemble", *map(str, paths), "--json", "--out", str(tmp_path / "e.json")]) == 0
+    r = json.loads(capsys.readouterr().out)
+    for p, m in zip(paths, r["members"], strict=True):
+        own = runs.open_model(p)
+        val, _ = runs.evaluation_data(own.cfg, "val", folder)
+        test, _ = runs.evaluation_data(own.cfg, "test", folder)
+        assert m["val_accuracy_measured"] == accuracy(predict_probs(own.model, val.images), val.labels)
+        assert m["test_accuracy"] == accuracy(predict_probs(own.model, test.images), test.labels)
+    assert r["val_accuracy"] is not None and r["members"][2]["deskew"] is True
+
+
+def test_members_all_deskewed_read_deskewed_input(two_runs, tmp_path):
+    folder, _ = two_runs
+    paths = [train(folder, tmp_path / f"d{seed}", f"seed={seed}", "preprocess.deskew=true") for seed in (0, 1)]
+    model, _ = ensemble.build(paths)
+    assert model.input_deskew and not any(isinstance(m, ensemble.Deskewed) for m in model.members)

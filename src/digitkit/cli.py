@@ -987,6 +987,7 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
 
     model, members = ensemble.build(args.runs, args.weights)
     cfg = runs.open_model(args.runs[0]).cfg
+    cfg.preprocess.deskew = model.input_deskew  # in a mix, the deskewing members deskew their own copies
     weights = [m["weight"] for m in members]
 
     val_accuracy = None
@@ -1021,7 +1022,7 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
         return 0
     for m in members:
         print(f"  {m['path']}: test {100 * m['test_accuracy']:.2f}% (val {100 * m['val_accuracy']:.2f}%, "
-              f"weight {m['weight']:.3f})")
+              f"weight {m['weight']:.3f}{', deskewed' if m['deskew'] else ''})")
     shifts = f", {args.shifts}-px shifts" if args.shifts else ""
     val_text = (f"validation {100 * val_accuracy:.2f}%" if val_accuracy is not None else
                 "no shared validation images (train the members with one data.split_seed)")
@@ -1510,7 +1511,8 @@ EXAMPLES: dict[str, tuple[str, list[str]]] = {
         "digitkit read --model runs/latest amount.png --json",
     ]),
     "ensemble": ("Members trained with one data.split_seed share their validation images, and the ensemble is "
-                 "measured on them too.", ["digitkit ensemble runs/a runs/b runs/c --weights val",
+                 "measured on them too. Members trained on deskewed digits (preprocess.deskew) may join plain ones: "
+                 "each deskews its own copy of the input.", ["digitkit ensemble runs/a runs/b runs/c --weights val",
                                            "digitkit ensemble runs/ens/* --shifts 1"]),
     "models": ("", ["digitkit models", "digitkit models --json"]),
     "serve": ("Then open http://127.0.0.1:8000/ for the drawing page. Secrets come from the environment: "

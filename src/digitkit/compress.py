@@ -432,6 +432,14 @@ def distill_run(
     """Train the student `cfg.model` from the teachers into a new run folder; returns its summary with the
     teachers' figures beside the student's."""
     teachers, opened = open_teachers(teacher_paths)
+    teacher_deskew = all(o.cfg.preprocess.deskew for o in opened)  # a mix reads plain images (ensemble.Deskewed)
+    if cfg.preprocess.deskew != teacher_deskew:
+        mix = " (in a mix of deskewed and plain teachers each deskewed one deskews its own copy)" if len(
+            {o.cfg.preprocess.deskew for o in opened}) > 1 else ""
+        raise ConfigError(f"the student's preprocess.deskew is {str(cfg.preprocess.deskew).lower()} but the teachers "
+                          f"read {'deskewed' if teacher_deskew else 'plain'} images{mix}; set "
+                          f"preprocess.deskew={str(teacher_deskew).lower()} so the teachers see what they were "
+                          "trained on")  # fmt: skip
     train_set, val_set, test_set = datasets if datasets is not None else runs.load_data(cfg)
     for o in opened:
         _check_data(o.ckpt, train_set, str(o.checkpoint_path))

@@ -2,6 +2,10 @@
 validation accuracy (never by anything measured on the test set). Members trained with one `data.split_seed` share
 their validation images, which then measure the ensemble as well.
 
+Members may differ in their input preparation: when some were trained on deskewed digits (`preprocess.deskew`) and
+some not, the ensemble reads images as the plain ones do and each deskewing member deskews its own copy
+(`Deskewed`), exactly as its training data was deskewed (runs.deskewed).
+
 `EnsembleModel` is an nn.Module whose output is the log of the weighted mean probability, so its softmax is
 that mean: it drops into anything that takes a model (evaluate_model, the Recognizer behind predict and read).
 """
@@ -19,11 +23,35 @@ from digitkit.errors import ConfigError
 WEIGHTINGS = ("equal", "val")
 
 
-class EnsembleModel(nn.Module):
-    """x (B, C, H, W) in [0, 1] -> log of the weighted mean of the members' softmax (B, K)."""
+class Deskewed(nn.Module):
+    """A member trained on deskewed digits, in an ensemble whose input is not deskewed: it deskews its input
+    (preprocess.deskew_batch, rounded to the 1/255 steps of the uint8 copy it was trained on) and passes it on."""
 
-    def __init__(self, members: list[nn.Module], weights: list[float]):
+    def __init__(self, member: nn.Module):
         super().__init__()
+        self.member = member
+
+    @staticmethod
+    def prepare(x: torch.Tensor) -> torch.Tensor:
+        """x (B, 1, H, W) uint8 or float in [0, 1] -> deskewed float in [0, 1], what runs.deskewed gives / 255."""
+        from digitkit.preprocess import deskew_batch
+
+        x = x.float().div(255) if x.dtype == torch.uint8 else x.float()
+        return deskew_batch(x).mul(255).round().clamp(0, 255).div(255)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.member(self.prepare(x))
+
+
+class EnsembleModel(nn.Module):
+    """x (B, C, H, W) in [0, 1] -> log of the weighted mean of the members' softmax (B, K).
+
+    `input_deskew`: whether x comes deskewed (every member was trained on deskewed digits). In a mix, x is not
+    deskewed and the deskewing members are `Deskewed`."""
+
+    def __init__(self, members: list[nn.Module], weights: list[float], input_deskew: bool = False):
+        super().__init__()
+        self.input_deskew = input_deskew
         if not members or len(members) != len(weights):
             raise ConfigError("an ensemble needs at least one member and one weight per member")
         self.members = nn.ModuleList(members)
@@ -39,7 +67,8 @@ class EnsembleModel(nn.Module):
 
 def build(paths: list[str | Path], weighting: str = "equal") -> tuple[EnsembleModel, list[dict[str, Any]]]:
     """Open every run (folder or checkpoint) and combine them; returns the model and one record per member
-    (path, model name, seed, validation accuracy, weight). Members must agree on classes and input shape."""
+    (path, model name, seed, validation accuracy, weight, deskew). Members must agree on classes and input shape;
+    in a mix of deskewed and plain members each deskewed one deskews its own input (`Deskewed`)."""
     from digitkit import runs
 
     if weighting not in WEIGHTINGS:
@@ -53,20 +82,18 @@ def build(paths: list[str | Path], weighting: str = "equal") -> tuple[EnsembleMo
             if o.ckpt[key] != first[key]:
                 raise ConfigError(f"{o.checkpoint_path}: its {key} {o.ckpt[key]!r} differ from "
                                   f"{opened[0].checkpoint_path}'s {first[key]!r}; members must read the same data")
-        if o.cfg.preprocess.deskew != opened[0].cfg.preprocess.deskew:
-            raise ConfigError(f"{o.checkpoint_path} was trained {'with' if o.cfg.preprocess.deskew else 'without'} "
-                              f"deskewed digits and {opened[0].checkpoint_path} "
-                              f"{'with' if opened[0].cfg.preprocess.deskew else 'without'}; members must read "
-                              "identically prepared images")  # fmt: skip
     val = [float(o.ckpt.get("metrics", {}).get("val_acc", float("nan"))) for o in opened]
     if weighting == "val" and any(v != v for v in val):  # NaN: a checkpoint without validation metrics
         raise ConfigError("--weights val needs every member's validation accuracy; a checkpoint lacks it")
     weights = val if weighting == "val" else [1.0] * len(opened)
-    model = EnsembleModel([o.model for o in opened], weights).eval()
+    deskew = [o.cfg.preprocess.deskew for o in opened]
+    input_deskew = all(deskew)  # all deskewed: the input is, as for any one of them; else each deskews its own
+    members = [Deskewed(o.model) if d and not input_deskew else o.model for o, d in zip(opened, deskew, strict=True)]
+    model = EnsembleModel(members, weights, input_deskew).eval()
     records = [
         {"path": str(o.checkpoint_path), "model": o.cfg.model.name, "seed": o.cfg.seed, "val_accuracy": v,
-         "weight": float(w), "split_seed": o.cfg.split_seed, "val_fraction": o.cfg.data.val_fraction}
-        for o, v, w in zip(opened, val, model.weights.tolist(), strict=True)
+         "weight": float(w), "split_seed": o.cfg.split_seed, "val_fraction": o.cfg.data.val_fraction, "deskew": d}
+        for o, v, w, d in zip(opened, val, model.weights.tolist(), deskew, strict=True)
     ]  # fmt: skip
     return model, records
 
@@ -83,10 +110,23 @@ def combine(member_probs: list[torch.Tensor], weights: list[float]) -> torch.Ten
 
 
 def member_probs(model: EnsembleModel, images: torch.Tensor, shifts: int = 0) -> list[torch.Tensor]:
-    """Each member's probabilities (N, K) for images (N, C, H, W) uint8 or float in [0, 1]: plain, or with
-    test-time shifts (the mean over the image and its copies moved `shifts` px left, right, up and down)."""
+    """Each member's probabilities (N, K) for images (N, C, H, W) uint8 or float in [0, 1], prepared as the
+    ensemble reads them (`model.input_deskew`): plain, or with test-time shifts (the mean over the image and its
+    copies moved `shifts` px left, right, up and down). A `Deskewed` member's copies are shifted after the deskew,
+    which would otherwise centre them again; its deskewed images are computed once for all the views."""
+    from digitkit import runs
     from digitkit.evaluate import predict_logits, predict_probs_shift_tta
 
-    if shifts:
-        return [predict_probs_shift_tta(m, images, shifts, channels_last=True) for m in model.members]
-    return [predict_logits(m, images, channels_last=True).softmax(1) for m in model.members]
+    deskewed: torch.Tensor | None = None
+    out = []
+    for m in model.members:
+        x = images
+        if isinstance(m, Deskewed):
+            if deskewed is None:  # uint8: the cached copy the member was trained and measured on
+                deskewed = runs.deskewed(images) if images.dtype == torch.uint8 else Deskewed.prepare(images)
+            x, m = deskewed, m.member
+        if shifts:
+            out.append(predict_probs_shift_tta(m, x, shifts, channels_last=True))
+        else:
+            out.append(predict_logits(m, x, channels_last=True).softmax(1))
+    return out
