@@ -1631,12 +1631,13 @@ def run() -> NoReturn:
     otherwise walk every object torch created: exit after `import torch` takes 0.33 s, frozen 0.09 s
     (benchmarks/startup.py), memory the process is about to give back anyway. Files are closed and flushed by
     then; main() writes them atomically.
-    Not under torchrun: there that collection is what stops the data-parallel wrapper's communication threads
-    before the process exits (without it the C++ runtime aborts)."""
+    Under torchrun a finished process leaves through distributed.leave instead (no teardown at all: frozen, the
+    C++ runtime aborted on gloo's threads, and once even unfrozen)."""
     code = main()
     distributed = sys.modules.get("digitkit.distributed")
-    if distributed is None or distributed.world().size == 1:
-        gc.freeze()
+    if distributed is not None and distributed.world().size > 1:
+        distributed.leave(code)
+    gc.freeze()
     sys.exit(code)
 
 
