@@ -34,10 +34,9 @@ class Deskewed(nn.Module):
     @staticmethod
     def prepare(x: torch.Tensor) -> torch.Tensor:
         """x (B, 1, H, W) uint8 or float in [0, 1] -> deskewed float in [0, 1], what runs.deskewed gives / 255."""
-        from digitkit.preprocess import deskew_batch
+        from digitkit.preprocess import deskew_uint8
 
-        x = x.float().div(255) if x.dtype == torch.uint8 else x.float()
-        return deskew_batch(x).mul(255).round().clamp(0, 255).div(255)
+        return deskew_uint8(x).float().div(255)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.member(self.prepare(x))
@@ -61,7 +60,15 @@ class EnsembleModel(nn.Module):
         self.register_buffer("weights", w / w.sum())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        probs = sum(w * m(x).float().softmax(1) for w, m in zip(self.weights, self.members, strict=True))
+        deskewed = None  # deskewed once for all the Deskewed members
+        probs = torch.zeros(())
+        for w, m in zip(self.weights, self.members, strict=True):
+            if isinstance(m, Deskewed):
+                deskewed = Deskewed.prepare(x) if deskewed is None else deskewed
+                logits = m.member(deskewed)
+            else:
+                logits = m(x)
+            probs = probs + w * logits.float().softmax(1)
         return torch.log(probs.clamp_min(1e-12))
 
 

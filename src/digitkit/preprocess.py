@@ -766,6 +766,13 @@ def deskew_batch(x: torch.Tensor, max_shear: float = 1.0) -> torch.Tensor:
     return out
 
 
+def deskew_uint8(x: torch.Tensor) -> torch.Tensor:
+    """x (B, 1, H, W) uint8 or float in [0, 1] -> deskew_batch's result as uint8: how a data set is deskewed
+    (runs.deskewed) and how an ensemble's deskewed member reads plain input (ensemble.Deskewed)."""
+    x = x.float().div(255) if x.dtype == torch.uint8 else x.float()
+    return deskew_batch(x).mul(255).round().clamp(0, 255).to(torch.uint8)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The whole pipeline.
 

@@ -99,8 +99,7 @@ def deskewed(images: torch.Tensor) -> torch.Tensor:
         return torch.frombuffer(bytearray(found[0]), dtype=torch.uint8).view(images.shape)
     out = torch.empty_like(images)
     for start in range(0, len(images), 4096):
-        x = images[start : start + 4096].float().div(255)
-        out[start : start + 4096] = preprocess.deskew_batch(x).mul(255).round().clamp(0, 255).to(torch.uint8)
+        out[start : start + 4096] = preprocess.deskew_uint8(images[start : start + 4096])
     idx.write_cached(folder, stem, "u8", out.numpy().tobytes())
     return out
 
