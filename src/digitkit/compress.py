@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-from digitkit import checkpoint, config, data, optim, runs
+from digitkit import checkpoint, config, data, ensemble, optim, runs
 from digitkit.config import Config
 from digitkit.errors import ConfigError
 from digitkit.evaluate import loss_and_accuracy, predict_logits
@@ -390,8 +390,6 @@ class DistillOptions:
 
 def open_teachers(paths: list[str | Path]) -> tuple[list[nn.Module], list[runs.Opened]]:
     """The teacher models; several must agree on classes and input shape (as an ensemble's members do)."""
-    from digitkit import ensemble
-
     if not paths:
         raise ConfigError("distill: give at least one teacher run with --teacher RUN")
     if len(paths) > 1:
@@ -432,7 +430,7 @@ def distill_run(
     """Train the student `cfg.model` from the teachers into a new run folder; returns its summary with the
     teachers' figures beside the student's."""
     teachers, opened = open_teachers(teacher_paths)
-    teacher_deskew = all(o.cfg.preprocess.deskew for o in opened)  # a mix reads plain images (ensemble.Deskewed)
+    teacher_deskew = ensemble.reads_deskewed([o.cfg.preprocess.deskew for o in opened])
     if cfg.preprocess.deskew != teacher_deskew:
         mix = " (in a mix of deskewed and plain teachers each deskewed one deskews its own copy)" if len(
             {o.cfg.preprocess.deskew for o in opened}) > 1 else ""

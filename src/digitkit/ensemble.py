@@ -72,6 +72,12 @@ class EnsembleModel(nn.Module):
         return torch.log(probs.clamp_min(1e-12))
 
 
+def reads_deskewed(deskew: list[bool]) -> bool:
+    """Whether an ensemble of members with these `preprocess.deskew` settings reads deskewed images: only when all
+    of them were trained on deskewed digits; in a mix each deskewed member deskews its own copy (`Deskewed`)."""
+    return all(deskew)
+
+
 def build(paths: list[str | Path], weighting: str = "equal") -> tuple[EnsembleModel, list[dict[str, Any]]]:
     """Open every run (folder or checkpoint) and combine them; returns the model and one record per member
     (path, model name, seed, validation accuracy, weight, deskew). Members must agree on classes and input shape;
@@ -94,7 +100,7 @@ def build(paths: list[str | Path], weighting: str = "equal") -> tuple[EnsembleMo
         raise ConfigError("--weights val needs every member's validation accuracy; a checkpoint lacks it")
     weights = val if weighting == "val" else [1.0] * len(opened)
     deskew = [o.cfg.preprocess.deskew for o in opened]
-    input_deskew = all(deskew)  # all deskewed: the input is, as for any one of them; else each deskews its own
+    input_deskew = reads_deskewed(deskew)
     members = [Deskewed(o.model) if d and not input_deskew else o.model for o, d in zip(opened, deskew, strict=True)]
     model = EnsembleModel(members, weights, input_deskew).eval()
     records = [
