@@ -9,8 +9,8 @@
    shifts of 1 px (`ensemble.member_probs`, what `digitkit ensemble [--shifts 1]` computes, deskewed members
    deskewing their own copies; kept in each run folder). The VARIANTS (shifts or not) are compared on validation,
    which none of the members trained on, and the best one that trains within 2 hours (ties: the simpler) is the
-   recipe. With both replicates, a variant's validation score is the sum over the replicates (12,000 images),
-   and the recipe's test figure is the mean of its replicates'. Test figures are printed for every variant but
+   recipe. With both replicates, a variant's validation score is the mean over the replicates (12,000 images in
+   all), and the recipe's test figure is the mean of its replicates'. Test figures are printed for every variant but
    choose nothing.
 3. Time: the sum of the members' whole training runs (summary.json total_seconds plus finish_seconds), and the
    same with each run's epochs counted at its median epoch time, which discounts other work on a shared machine.

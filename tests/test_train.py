@@ -127,6 +127,18 @@ def test_resume_in_process_matches_uninterrupted_run(tmp_path, tiny_dir):
     assert [r["epoch"] for r in train.read_metrics(tmp_path / "part" / "metrics.csv")] == [1, 2, 3]
 
 
+def test_resumed_run_total_time_counts_the_epochs_trained_before_the_resume(tmp_path, tiny_dir):
+    cfg = tiny_cfg(tiny_dir)
+    runs.train_run(cfg, out=tmp_path / "part", stop_after_epochs=1)
+    # The first process's epoch took 1,000 s (say it was paused); the resumed process's own time is far less.
+    state = torch.load(tmp_path / "part" / train.LAST, weights_only=False)
+    state["fit_state"]["history"][0]["seconds"] = 1000.0
+    torch.save(state, tmp_path / "part" / train.LAST)
+    resumed = runs.train_run(cfg, resume=tmp_path / "part")
+    assert resumed["train_seconds"] > 1000
+    assert resumed["total_seconds"] >= resumed["train_seconds"] + resumed["data_seconds"]
+
+
 def test_resume_after_sigkill_mid_epoch(tmp_path):
     data_dir = make_idx_dir(tmp_path / "d", num_classes=4, n_train=3000, n_test=100)
     run_dir = tmp_path / "run"

@@ -139,13 +139,15 @@ def train_run(
         extra_images = sum(len(d) for d in extra_sets)
     data_seconds = time.perf_counter() - started
     distributed.check_launch(cfg.train.batch_size, world, custom_step=step_fn is not None)
-    resume_state = None
+    resume_state, earlier_seconds = None, 0.0
     if resume is not None:
         run_dir = Path(resume)
         if not (run_dir / LAST).is_file():
             raise DataError(f"{run_dir}: nothing to resume (no {LAST}); start a new run instead")
         resume_state = checkpoint.load(run_dir / LAST)
         distributed.check_resume(resume_state, world, run_dir)
+        # The epochs trained before the resume count towards the run's total time (their start-up does not).
+        earlier_seconds = sum(r["seconds"] for r in resume_state["fit_state"]["history"])
     elif world.is_main:
         run_dir = Path(out) if out is not None else new_run_dir(root, cfg.model.name)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -176,7 +178,8 @@ def train_run(
         return {"run_dir": str(run_dir), "epochs": state.epoch, "finished": False}
     summary = None
     if world.is_main:  # the other ranks return rank 0's summary
-        summary = finish_run(cfg, run_dir, state.history, val_set, test_set, time.perf_counter() - started,
+        seconds = time.perf_counter() - started + earlier_seconds
+        summary = finish_run(cfg, run_dir, state.history, val_set, test_set, seconds,
                              stopped_early=state.stopped_early, extra_training_images=extra_images,
                              data_seconds=data_seconds, fit_state=state)  # fmt: skip
     return distributed.broadcast(summary, world)
@@ -200,8 +203,9 @@ def finish_run(
     recorded them; otherwise they are measured again.
 
     Times in the summary: data_seconds (reading and preparing the data), train_seconds (the epochs: training and
-    each epoch's validation), total_seconds (from the start of the run to here), finish_seconds (this function:
-    re-validation, plots, the test evaluation)."""
+    each epoch's validation), total_seconds (from the start of the run to here; for a resumed run, this process's
+    time plus the epochs trained before the resume, whose start-up is not recorded), finish_seconds (this
+    function: re-validation, plots, the test evaluation)."""
     finish_started = time.perf_counter()
     best_path = checkpoint.resolve(run_dir)
     ckpt = checkpoint.load(best_path)
