@@ -12,6 +12,7 @@ that mean: it drops into anything that takes a model (evaluate_model, the Recogn
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,16 +61,24 @@ class EnsembleModel(nn.Module):
         self.register_buffer("weights", w / w.sum())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        deskewed = None  # deskewed once for all the Deskewed members
         probs = torch.zeros(())
-        for w, m in zip(self.weights, self.members, strict=True):
-            if isinstance(m, Deskewed):
-                deskewed = Deskewed.prepare(x) if deskewed is None else deskewed
-                logits = m.member(deskewed)
-            else:
-                logits = m(x)
-            probs = probs + w * logits.float().softmax(1)
+        for w, (m, xm) in zip(self.weights, member_inputs(self, x, Deskewed.prepare), strict=True):
+            probs = probs + w * m(xm).float().softmax(1)
         return torch.log(probs.clamp_min(1e-12))
+
+
+def member_inputs(
+    model: EnsembleModel, x: torch.Tensor, deskew: Callable[[torch.Tensor], torch.Tensor]
+) -> Iterator[tuple[nn.Module, torch.Tensor]]:
+    """(module, its input) per member: a `Deskewed` member's inner model with `deskew(x)`, computed once for all of
+    them, and every other member with x."""
+    deskewed: torch.Tensor | None = None
+    for m in model.members:
+        if isinstance(m, Deskewed):
+            deskewed = deskew(x) if deskewed is None else deskewed
+            yield m.member, deskewed
+        else:
+            yield m, x
 
 
 def reads_deskewed(deskew: list[bool]) -> bool:
@@ -130,16 +139,12 @@ def member_probs(model: EnsembleModel, images: torch.Tensor, shifts: int = 0) ->
     from digitkit import runs
     from digitkit.evaluate import predict_logits, predict_probs_shift_tta
 
-    deskewed: torch.Tensor | None = None
-    out = []
-    for m in model.members:
-        x = images
-        if isinstance(m, Deskewed):
-            if deskewed is None:  # uint8: the cached copy the member was trained and measured on
-                deskewed = runs.deskewed(images) if images.dtype == torch.uint8 else Deskewed.prepare(images)
-            x, m = deskewed, m.member
+    def deskew(x: torch.Tensor) -> torch.Tensor:  # uint8: the cached copy the member was trained and measured on
+        return runs.deskewed(x) if x.dtype == torch.uint8 else Deskewed.prepare(x)
+
+    def probs(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if shifts:
-            out.append(predict_probs_shift_tta(m, x, shifts, channels_last=True))
-        else:
-            out.append(predict_logits(m, x, channels_last=True).softmax(1))
-    return out
+            return predict_probs_shift_tta(m, x, shifts, channels_last=True)
+        return predict_logits(m, x, channels_last=True).softmax(1)
+
+    return [probs(m, x) for m, x in member_inputs(model, images, deskew)]
