@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,17 +149,21 @@ def main() -> None:
     def median(key: str) -> float:
         return round(statistics.median(r[key] for r in rows), 2)
 
-    # Where the wall-clock goes (medians): the in-process part is from the run's summary.json; "start and exit" is
-    # the rest (interpreter start, imports, argument parsing, printing, interpreter teardown).
+    def median_of(part: Callable[[dict], float]) -> float:  # a part computed within each run, then the median
+        return round(statistics.median(part(r) for r in rows), 2)
+
+    # Where the wall-clock goes (medians over the runs): the in-process part is from the run's summary.json; "start
+    # and exit" is the rest (interpreter start, imports, argument parsing, printing, interpreter teardown). The
+    # remainders are taken within each run before the median, so each is one run's own figure.
     stages = {
         "import torch (separate process)": round(torch_import_seconds, 2),
         "data: read, deskew, split": median("data_seconds"),
         "training (each epoch's validation included)": median("train_seconds"),
-        "rest of the run (model, validation, checkpoints)": round(
-            median("in_process_seconds") - median("data_seconds") - median("train_seconds"), 2),
+        "rest of the run (model, validation, checkpoints)": median_of(
+            lambda r: r["in_process_seconds"] - r["data_seconds"] - r["train_seconds"]),
         "final validation, test evaluation, summary": median("finish_seconds"),
-        "start and exit (imports included)": round(
-            median("wall_seconds") - median("in_process_seconds") - median("finish_seconds"), 2),
+        "start and exit (imports included)": median_of(
+            lambda r: r["wall_seconds"] - r["in_process_seconds"] - r["finish_seconds"]),
     }
     walls = [r["wall_seconds"] for r in rows]
     result = {
