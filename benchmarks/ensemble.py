@@ -5,7 +5,8 @@
    images. Kinds: "plain" is best.yaml as it is; "elastic" adds elastic distortion (Simard et al.;
    augment.elastic.p=0.5) to its jitter; "deskew" trains on deskewed digits (preprocess.deskew), the same model
    reading differently prepared input; "classic" is a different model (model.name=classic: two stages of two
-   Conv-BN-ReLU, 32 and 64 filters, and a 128-unit dense layer) trained the same way. Runs already finished are kept.
+   Conv-BN-ReLU, 32 and 64 filters, and a 128-unit dense layer) trained the same way; "deskew-classic" is that
+   model on deskewed digits. Runs already finished are kept.
 2. Every member's probabilities on its replicate's validation images and on the test set, plain and with test-time
    shifts of 1 px (`ensemble.member_probs`, what `digitkit ensemble [--shifts 1]` computes, deskewed members
    deskewing their own copies; kept in each run folder). The VARIANTS (shifts or not) are compared on validation,
@@ -47,13 +48,13 @@ from speedrun import cpu_info  # noqa: E402
 REPLICATES = {
     10: ("runs/ens", [(10, "elastic"), (11, "plain"), (12, "plain"), (13, "plain"), (14, "plain"),
                       (15, "deskew"), (16, "deskew"), (17, "deskew"), (31, "classic"), (32, "classic"),
-                      (33, "classic")]),
+                      (33, "classic"), (35, "deskew-classic"), (36, "deskew-classic")]),
     # Declared once replicate 10's figures were known, its test figures included: its validation could not
     # separate the variants (one image is 0.017%; the top eight within 2 images). A second split doubles the images
     # that choose, and its members' seeds are new. No elastic member (38 min each), so the first variant drops out.
     20: ("runs/ens-20", [(21, "plain"), (22, "plain"), (23, "plain"), (24, "plain"),
                          (25, "deskew"), (26, "deskew"), (27, "deskew"), (41, "classic"), (42, "classic"),
-                         (43, "classic")]),
+                         (43, "classic"), (45, "deskew-classic"), (46, "deskew-classic")]),
 }  # fmt: skip
 # The variants compared on validation: (name, {kind: how many members of that kind, the first ones above}). Only
 # those that train within BUDGET_MINUTES (at each run's median epoch time) may be chosen. The deskewed members and
@@ -77,10 +78,20 @@ VARIANTS = [
     ("3 plain + 2 deskewed + 2 classic", {"plain": 3, "deskew": 2, "classic": 2}),
     ("3 plain + 3 deskewed + 1 classic", {"plain": 3, "deskew": 3, "classic": 1}),
     ("3 plain + 3 deskewed + 2 classic", {"plain": 3, "deskew": 3, "classic": 2}),
+    # Declared the same day, with the third classic member training and no classic member's figure seen: classic
+    # models on deskewed digits, a fourth kind.
+    ("2 classic + 2 deskewed classic", {"classic": 2, "deskew-classic": 2}),
+    ("2 plain + 2 deskewed + 1 classic + 1 deskewed classic",
+     {"plain": 2, "deskew": 2, "classic": 1, "deskew-classic": 1}),
+    ("3 plain + 2 deskewed + 1 classic + 1 deskewed classic",
+     {"plain": 3, "deskew": 2, "classic": 1, "deskew-classic": 1}),
+    ("2 plain + 2 deskewed + 2 classic + 2 deskewed classic",
+     {"plain": 2, "deskew": 2, "classic": 2, "deskew-classic": 2}),
 ]
 BUDGET_MINUTES = 120
 EXTRA = {"plain": [], "elastic": ["--set", "augment.elastic.p=0.5"], "deskew": ["--set", "preprocess.deskew=true"],
-         "classic": ["--set", "model.name=classic"]}
+         "classic": ["--set", "model.name=classic"],
+         "deskew-classic": ["--set", "preprocess.deskew=true", "--set", "model.name=classic"]}
 
 
 def member_dir(root: Path, seed: int, kind: str) -> Path:
