@@ -146,11 +146,11 @@ def main() -> None:
                   f"{s['train_seconds']:>8.2f} {wall:>7.2f}", flush=True)  # fmt: skip
     acc = [r["test_accuracy"] for r in rows]
 
-    def median(key: str) -> float:
-        return round(statistics.median(r[key] for r in rows), 2)
-
     def median_of(part: Callable[[dict], float]) -> float:  # a part computed within each run, then the median
         return round(statistics.median(part(r) for r in rows), 2)
+
+    def median(key: str) -> float:
+        return median_of(lambda r: r[key])
 
     # Where the wall-clock goes (medians over the runs): the in-process part is from the run's summary.json; "start
     # and exit" is the rest (interpreter start, imports, argument parsing, printing, interpreter teardown). The
