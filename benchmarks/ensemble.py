@@ -90,8 +90,8 @@ VARIANTS = [
 ]
 BUDGET_MINUTES = 120
 EXTRA = {"plain": [], "elastic": ["--set", "augment.elastic.p=0.5"], "deskew": ["--set", "preprocess.deskew=true"],
-         "classic": ["--set", "model.name=classic"],
-         "deskew-classic": ["--set", "preprocess.deskew=true", "--set", "model.name=classic"]}
+         "classic": ["--set", "model.name=classic"]}
+EXTRA["deskew-classic"] = EXTRA["deskew"] + EXTRA["classic"]
 
 
 def member_dir(root: Path, seed: int, kind: str) -> Path:
