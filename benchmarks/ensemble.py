@@ -98,16 +98,15 @@ def member_dir(root: Path, seed: int, kind: str) -> Path:
     return root / f"{kind}-{seed}"
 
 
-def train(root: Path, split_seed: int, members: list[tuple[int, str]]) -> None:
+def train(root: Path, members: list[tuple[int, str]], options: list[str]) -> None:
+    """One `digitkit train --config configs/best.yaml` run per member not yet trained, with `options` (--set ...)."""
     for seed, kind in members:
         out = member_dir(root, seed, kind)
         if (out / "summary.json").is_file():
             print(f"{out}: already trained", flush=True)
             continue
-        extra = EXTRA[kind]
         cmd = [sys.executable, "-m", "digitkit", "train", "--config", str(ROOT / "configs" / "best.yaml"),
-               "--set", f"seed={seed}", "--set", f"data.split_seed={split_seed}", *extra, "--out", str(out),
-               "--quiet"]  # fmt: skip
+               "--set", f"seed={seed}", *options, *EXTRA[kind], "--out", str(out), "--quiet"]  # fmt: skip
         print("$ " + " ".join(cmd[2:]), flush=True)
         subprocess.run(cmd, check=True)
 
@@ -202,7 +201,7 @@ def main() -> None:
     if args.train:
         for split_seed in args.split_seeds:
             folder, members = REPLICATES[split_seed]
-            train(ROOT / folder, split_seed, members)
+            train(ROOT / folder, members, ["--set", f"data.split_seed={split_seed}"])
     reps = [replicate(s) for s in args.split_seeds]
     # A variant is a candidate when every replicate has it, each within the budget.
     keys = [k for k in reps[0]["variants"] if all(k in r["variants"] for r in reps)]

@@ -75,13 +75,14 @@ def model_from_checkpoint(ckpt: dict[str, Any]) -> DigitModel:
 
 
 def resolve(path: str | Path) -> Path:
-    """A .pt file, or a run folder (its best checkpoint)."""
+    """A .pt file, or a run folder (its kept checkpoint: best-*.pt, or final-*.pt for train.checkpoint_metric=last)."""
     path = Path(path)
     if path.is_dir():
-        best = sorted(path.glob("best-*.pt"))
-        if not best:
-            raise DataError(f"{path}: no best-*.pt checkpoint in this run folder; did the run finish an epoch?")
-        return best[-1]
+        kept = sorted(path.glob("best-*.pt")) or sorted(path.glob("final-*.pt"))
+        if not kept:
+            raise DataError(f"{path}: no best-*.pt or final-*.pt checkpoint in this run folder; did the run finish "
+                            "an epoch?")  # fmt: skip
+        return kept[-1]
     if not path.is_file():
         raise DataError(f"{path}: no such checkpoint or run folder")
     return path

@@ -218,10 +218,13 @@ def interrupted_run(run_dir: Path | None, epochs: int) -> None:
 def print_summary(s: dict[str, Any]) -> None:
     print(f"run            {s['run_dir']}")
     print(f"model          {s['model']}  ({s['params']:,} parameters, {s['macs_per_image'] / 1e6:.2f} M MACs/image)")
-    print(f"epochs         {s['epochs']} (best by validation: {s['best_epoch']}"
-          f"{', stopped early' if s['stopped_early'] else ''})")  # fmt: skip
+    kept = "the last" if s.get("checkpoint_metric") == "last" else "best by validation"
+    print(f"epochs         {s['epochs']} ({kept}: {s['best_epoch']}{', stopped early' if s['stopped_early'] else ''})")
     print(f"time           {s['train_seconds']:.1f} s training, {s['total_seconds']:.1f} s in all on {s['device']}")
-    print(f"validation     {100 * s['val_accuracy']:.2f}%  (log loss {s['val_log_loss']:.4f})")
+    if s["val_accuracy"] is None:
+        print("validation     none (data.val_fraction 0: every training image trained)")
+    else:
+        print(f"validation     {100 * s['val_accuracy']:.2f}%  (log loss {s['val_log_loss']:.4f})")
     print(f"test           {100 * s['test_accuracy']:.2f}%  "
           f"({s['test_errors']} errors, log loss {s['test_log_loss']:.4f})")  # fmt: skip
     print(f"checkpoint     {s['checkpoint']}")

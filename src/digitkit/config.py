@@ -22,6 +22,7 @@ from digitkit.preprocess import PreprocessConfig
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("none", "plateau", "onecycle", "cosine")
+CHECKPOINT_METRICS = ("val_loss", "val_acc", "last")
 
 
 @dataclass
@@ -29,7 +30,9 @@ class DataConfig:
     dir: str = "data/mnist"
     """Folder with the four IDX files (train/t10k images/labels), raw or .gz."""
     val_fraction: float = 0.1
-    """Share of each class of the training set held out for validation (stratified, seeded)."""
+    """Share of each class of the training set held out for validation (stratified, seeded). 0 trains on every
+    training image with no validation (a refit once a recipe is fixed on a hold-out): it needs
+    train.checkpoint_metric=last, no early stopping and no plateau schedule, since nothing can choose an epoch."""
     split_seed: int | None = None
     """Seed of that hold-out; None uses the run's `seed`. Runs meant for one ensemble share it, so the ensemble
     has a validation set that none of its members trained on."""
@@ -43,10 +46,10 @@ class DataConfig:
     def __post_init__(self) -> None:
         if not all(isinstance(d, str) and d for d in self.extra_dirs):
             raise ConfigError(f"data.extra_dirs = {self.extra_dirs!r}: expected a list of folder paths")
-        if not 0.0 < self.val_fraction < 1.0:
+        if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(
-                f"data.val_fraction = {self.val_fraction}: expected a fraction in (0, 1); validation is what "
-                "picks the checkpoint, so it cannot be empty (the test set is never used for that)"
+                f"data.val_fraction = {self.val_fraction}: expected a fraction in [0, 1) such as 0.1; 0 trains on "
+                "every training image with no validation (the test set is never used to choose anything)"
             )
 
 
@@ -87,7 +90,8 @@ class TrainConfig:
     onecycle_pct_start: float = 0.25
     checkpoint_metric: str = "val_loss"
     """Which epoch's weights are kept: val_loss (lowest; the smoother signal: 6,000 validation images move the
-    accuracy in steps of 0.017%, so its maximum is often a lucky early epoch) or val_acc (highest)."""
+    accuracy in steps of 0.017%, so its maximum is often a lucky early epoch), val_acc (highest) or last (the last
+    epoch's, as final-*.pt; the only choice without validation)."""
     early_stopping_patience_epochs: int = 5
     """Stop after this many epochs without val-loss improvement; 0 turns early stopping off."""
     eval_batch_size: int = 256
@@ -121,7 +125,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _choice("train.optimizer", self.optimizer, OPTIMIZERS)
         _choice("train.schedule", self.schedule, SCHEDULES)
-        _choice("train.checkpoint_metric", self.checkpoint_metric, ("val_loss", "val_acc"))
+        _choice("train.checkpoint_metric", self.checkpoint_metric, CHECKPOINT_METRICS)
         for name in ("epochs", "batch_size", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} = {getattr(self, name)}: expected a positive integer")
@@ -177,6 +181,26 @@ class Config:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     """How real-world images (photos, scans, canvases) become 28x28 digits; stored with the model so the CLI,
     the server and the web page prepare input exactly alike. With deskew on, training deskews MNIST too."""
+
+    def __post_init__(self) -> None:
+        if self.data.val_fraction == 0:
+            needs = {
+                "train.checkpoint_metric=last": self.train.checkpoint_metric == "last",
+                "train.early_stopping_patience_epochs=0": self.train.early_stopping_patience_epochs == 0,
+                "a train.schedule other than plateau": self.train.schedule != "plateau",
+            }
+            missing = [k for k, ok in needs.items() if not ok]
+            if missing:
+                raise ConfigError(
+                    "data.val_fraction = 0 trains with no validation, so nothing can choose an epoch, stop early or "
+                    f"lower the rate on a plateau; it needs {', '.join(missing)} (set them, or hold out a fraction "
+                    "such as data.val_fraction=0.1)"
+                )
+
+    @property
+    def has_validation(self) -> bool:
+        """False when data.val_fraction is 0: every training image trains, and no figure is a validation one."""
+        return self.data.val_fraction > 0
 
     @property
     def split_seed(self) -> int:

@@ -262,10 +262,14 @@ def first_comment(path: Path) -> str:
 
 
 def recent_runs(limit: int = 6) -> list[Path]:
-    """Run folders under ./runs (and ./runs/compare) with a best checkpoint, newest first."""
+    """Run folders under ./runs (and ./runs/compare) with a kept checkpoint, newest first."""
     folders = [f for f in (RUNS_ROOT, RUNS_ROOT / "compare") if f.is_dir()]
-    found = [p for f in folders for p in f.iterdir() if p.is_dir() and not p.is_symlink() and any(p.glob("best-*.pt"))]
+    found = [p for f in folders for p in f.iterdir() if p.is_dir() and not p.is_symlink() and _has_checkpoint(p)]
     return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)[:limit]
+
+
+def _has_checkpoint(run_dir: Path) -> bool:
+    return any(run_dir.glob("best-*.pt")) or any(run_dir.glob("final-*.pt"))
 
 
 def describe_run(path: Path) -> str:

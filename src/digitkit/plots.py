@@ -87,8 +87,9 @@ def save_history(
     rows = sorted(rows, key=lambda r: r["epoch"])
     col = {k: np.array([float(r[k]) for r in rows]) for k in HISTORY_KEYS}
     epoch = col["epoch"]
+    has_val = bool(np.isfinite(col["val_loss"]).any() or np.isfinite(col["val_acc"]).any())  # none: val_fraction 0
     for k in ("train_acc", "val_acc"):
-        if np.nanmax(col[k]) > 1.0 + 1e-9:
+        if np.isfinite(col[k]).any() and np.nanmax(col[k]) > 1.0 + 1e-9:
             raise ValueError(
                 f"{k} goes up to {np.nanmax(col[k]):g}, but accuracies must be fractions in [0, 1]; "
                 "if they are percentages, divide by 100"
@@ -108,7 +109,8 @@ def save_history(
     style = {"marker": "o", "markersize": 3} if len(rows) <= 30 else {}
 
     ax_loss.plot(epoch, col["train_loss"], label="train", color="C0", **style)
-    ax_loss.plot(epoch, col["val_loss"], label="val", color="C1", **style)
+    if has_val:
+        ax_loss.plot(epoch, col["val_loss"], label="val", color="C1", **style)
     ax_loss.set(title="loss", xlabel="epoch", ylabel="loss")
     losses = np.concatenate([col["train_loss"], col["val_loss"]])
     losses = losses[np.isfinite(losses)]
@@ -117,7 +119,8 @@ def save_history(
         ax_loss.set_yscale("log")
 
     ax_acc.plot(epoch, 100 * col["train_acc"], label="train", color="C0", **style)
-    ax_acc.plot(epoch, 100 * col["val_acc"], label="val", color="C1", **style)
+    if has_val:
+        ax_acc.plot(epoch, 100 * col["val_acc"], label="val", color="C1", **style)
     ax_acc.set(title="accuracy", xlabel="epoch", ylabel="accuracy (%)")
 
     if checkpoint_epoch is not None and checkpoint_epoch in epoch:
@@ -130,7 +133,9 @@ def save_history(
         best = None
     if best is not None:
         best_epoch = int(epoch[best])
-        label = f"{marker} @ epoch {best_epoch}: val loss {col['val_loss'][best]:.4g}"
+        label = f"{marker} @ epoch {best_epoch}"
+        if np.isfinite(col["val_loss"][best]):
+            label += f": val loss {col['val_loss'][best]:.4g}"
         if np.isfinite(col["val_acc"][best]):
             label += f"\nval acc there {100 * col['val_acc'][best]:.2f}%"
         for ax in (ax_loss, ax_acc, ax_lr):

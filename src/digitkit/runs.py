@@ -2,7 +2,8 @@
 
 runs/<YYYYmmdd-HHMMSS>-<model>/
   config.yaml   the resolved config (reproduces the run)      metrics.csv   one row per epoch
-  best-*.pt     best checkpoint on validation (loss)          last.pt       resume state after the last epoch
+  best-*.pt     best checkpoint on validation (loss), or      last.pt       resume state after the last epoch
+  final-*.pt    the last epoch's (train.checkpoint_metric last)
   history.png   loss and accuracy curves                      confusion.png test-set confusion (counts and %)
   summary.json  model, params, epochs, seconds, val and test accuracy
 runs/latest -> the newest run
@@ -217,7 +218,10 @@ def finish_run(
     def logits(images: torch.Tensor) -> torch.Tensor:
         return predict_logits(model, images, cfg.train.eval_batch_size, device, cfg.train.channels_last)
 
-    if fit_state is not None and fit_state.best_path == best_path.name and not math.isnan(fit_state.best_val_log_loss):
+    val_loss = val_acc = None  # no validation (data.val_fraction 0)
+    if not len(val_set):
+        pass
+    elif fit_state is not None and fit_state.best_path == best_path.name and not math.isnan(fit_state.best_val_log_loss):
         val_loss, val_acc = fit_state.best_val_log_loss, fit_state.best_val_acc
     else:
         val_loss, val_acc = loss_and_accuracy(logits(val_set.images), val_set.labels)
@@ -229,6 +233,7 @@ def finish_run(
         "macs_per_image": count_macs(model_cpu, ckpt["in_chans"], ckpt["img_size"]),
         "epochs": len(history),
         "best_epoch": ckpt["metrics"]["epoch"],
+        "checkpoint_metric": cfg.train.checkpoint_metric,
         "stopped_early": stopped_early,
         "train_seconds": round(sum(r["seconds"] for r in history), 2),
         "data_seconds": round(data_seconds, 2),
@@ -338,6 +343,9 @@ def evaluation_data(cfg: Config, split: str, data_dir: str | Path | None = None)
             slices = {k: torch.arange(a, b) for k, (a, b) in MNIST_TEST_SLICES.items()}
         return ds, slices
     if split == "val":
+        if not cfg.has_validation:
+            raise ConfigError("split val: this run trained on every training image (data.val_fraction 0), so it "
+                              "has no validation hold-out; use split test, or a run with a hold-out")  # fmt: skip
         full = prepared(data.load_split(folder, "train", verify=cfg.data.verify), cfg)
         _, val_idx = data.stratified_split(full.labels, cfg.data.val_fraction, cfg.split_seed)
         return full.subset(val_idx), {}

@@ -188,16 +188,19 @@ def fit(
                 reporter.batch(step + 1, loss_sum.item() / seen, correct.item() / seen, seen / elapsed)
         train_seconds = time.perf_counter() - started
         distributed.sync_buffers(measured, world)  # one model on every rank: rank 0's batch-norm statistics
-        val_part = distributed.shard_dataset(val_set, world)  # all of it in a single process
-        val_logits = predict_logits(measured, val_part.images, t.eval_batch_size, device, t.channels_last)
-        # The training objective on validation data (label smoothing included): with smoothing, the plain log
-        # loss has a floor well above 0 and drifts up as the model sharpens, which would stop runs too early.
-        val_loss, val_acc = loss_and_accuracy(val_logits, val_part.labels, t.label_smoothing)
-        log_loss = loss_and_accuracy(val_logits, val_part.labels)[0] if t.label_smoothing else val_loss
-        val_loss, val_acc, log_loss = distributed.mean_over_ranks([val_loss, val_acc, log_loss], len(val_part), world)
+        val_loss = val_acc = log_loss = math.nan  # no validation (data.val_fraction 0): the columns stay empty
+        if len(val_set):
+            val_part = distributed.shard_dataset(val_set, world)  # all of it in a single process
+            val_logits = predict_logits(measured, val_part.images, t.eval_batch_size, device, t.channels_last)
+            # The training objective on validation data (label smoothing included): with smoothing, the plain log
+            # loss has a floor well above 0 and drifts up as the model sharpens, which would stop runs too early.
+            val_loss, val_acc = loss_and_accuracy(val_logits, val_part.labels, t.label_smoothing)
+            log_loss = loss_and_accuracy(val_logits, val_part.labels)[0] if t.label_smoothing else val_loss
+            val_loss, val_acc, log_loss = distributed.mean_over_ranks([val_loss, val_acc, log_loss], len(val_part),
+                                                                      world)  # fmt: skip
         loss_total, correct_total, seen = distributed.sum_over_ranks([loss_sum.item(), correct.item(), seen], world)
         lr = opt.param_groups[0]["lr"]
-        if sched_every == "epoch":
+        if sched_every == "epoch":  # plateau, which the config allows only with validation
             sched.step(val_loss)
         row = {
             "epoch": epoch,
@@ -211,7 +214,8 @@ def fit(
         }
         state.history.append(row)
         state.epoch = epoch
-        _update_early_stopping(state, val_loss, t.early_stopping_patience_epochs)
+        if len(val_set):
+            _update_early_stopping(state, val_loss, t.early_stopping_patience_epochs)
         state.stopped_early = distributed.broadcast(state.stopped_early, world)  # rank 0 decides for all
         if world.is_main:  # every rank holds the same weights and history; only rank 0 writes
             _update_best(state, measured, row, log_loss, run_dir, meta, t.checkpoint_metric)
@@ -310,17 +314,21 @@ def train_step(
 
 def _update_best(state: FitState, model: DigitModel, row: dict, log_loss: float, run_dir: Path, meta: dict,
                  metric: str) -> None:  # fmt: skip
-    """Keep one best checkpoint by `metric`: val_loss (lowest, ties to higher accuracy) or val_acc (highest,
-    ties to lower loss). `log_loss` is its validation loss without label smoothing, for the summary."""
+    """Keep one checkpoint by `metric`: val_loss (lowest, ties to higher accuracy) or val_acc (highest, ties to
+    lower loss) as best-*.pt, or last (every epoch replaces the one before) as final-*.pt, named with its validation
+    accuracy, or its training accuracy when there is no validation. `log_loss` is its validation loss without label
+    smoothing, for the summary."""
 
     def rank(acc: float, loss: float) -> tuple[float, float]:
         return (-loss, acc) if metric == "val_loss" else (acc, -loss)
 
-    better = rank(row["val_acc"], row["val_loss"]) > rank(state.best_val_acc, state.best_val_loss)
+    better = metric == "last" or rank(row["val_acc"], row["val_loss"]) > rank(state.best_val_acc, state.best_val_loss)
     if not better:
         return
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = run_dir / f"best-{stamp}-e{row['epoch']:03d}-val{100 * row['val_acc']:.2f}.pt"
+    kind = "final" if metric == "last" else "best"
+    measured = f"val{100 * row['val_acc']:.2f}" if not math.isnan(row["val_acc"]) else f"train{100 * row['train_acc']:.2f}"
+    path = run_dir / f"{kind}-{stamp}-e{row['epoch']:03d}-{measured}.pt"
     metrics = {k: row[k] for k in ("epoch", "val_acc", "val_loss", "train_acc", "train_loss")}
     checkpoint.save(path, {**checkpoint.model_payload(model, meta), "kind": "model", "metrics": metrics})
     if state.best_path and Path(state.best_path).name != path.name:
