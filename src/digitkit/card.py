@@ -128,10 +128,13 @@ def _training_data(cfg: config.Config, summary: dict[str, Any]) -> list[str]:
         train_idx, val_idx = data.stratified_split(torch.from_numpy(labels.astype("int64")), cfg.data.val_fraction,
                                                    cfg.split_seed)  # fmt: skip
         lines += [
-            f"Data folder `{cfg.data.dir}`: {len(labels):,} images in the training files, split into "
-            f"{len(train_idx):,} for training and {len(val_idx):,} for validation (stratified, `data.val_fraction` = "
-            f"{cfg.data.val_fraction}, seed {cfg.split_seed}); {test_n:,} test images, sealed: read once after "
-            "training to report, never to choose an epoch, checkpoint or setting.",
+            f"Data folder `{cfg.data.dir}`: {len(labels):,} images in the training files, "
+            + (f"split into {len(train_idx):,} for training and {len(val_idx):,} for validation (stratified, "
+               f"`data.val_fraction` = {cfg.data.val_fraction}, seed {cfg.split_seed}); " if cfg.has_validation else
+               f"all {len(train_idx):,} for training, with no validation hold-out (`data.val_fraction` = 0: the "
+               "last epoch's weights are kept, nothing is chosen); ")
+            + f"{test_n:,} test images, sealed: read once after training to report, never to choose an epoch, "
+            "checkpoint or setting.",
             "",
             "| file | SHA-256 (uncompressed) |",
             "|---|---|",
@@ -141,8 +144,9 @@ def _training_data(cfg: config.Config, summary: dict[str, Any]) -> list[str]:
         ]  # fmt: skip
     except (DataError, OSError) as e:
         lines += [f"The data folder `{cfg.data.dir}` could not be read from here ({e}); split sizes and checksums "
-                  f"are not shown. Validation: stratified {cfg.data.val_fraction} of the training files, seed "
-                  f"{cfg.split_seed}.", ""]  # fmt: skip
+                  f"are not shown. Validation: "
+                  + (f"stratified {cfg.data.val_fraction} of the training files, seed {cfg.split_seed}." if
+                     cfg.has_validation else "none (`data.val_fraction` = 0)."), ""]  # fmt: skip
     if cfg.data.extra_dirs:
         n = summary.get("extra_training_images")
         lines += [f"Extra training data (training portion only; validation and test are unchanged): "
@@ -192,7 +196,10 @@ def _metrics(summary: dict[str, Any], ev: dict[str, Any], per_class: list[dict[s
     else:
         lines += ["No test figures: neither summary.json nor an evaluation holds them.", ""]
     if summary.get("val_accuracy") is not None:
-        lines += [f"Validation hold-out (picked the checkpoint): {_pct(summary['val_accuracy'])}.", ""]
+        role = "measured only" if summary.get("checkpoint_metric") == "last" else "picked the checkpoint"
+        lines += [f"Validation hold-out ({role}): {_pct(summary['val_accuracy'])}.", ""]
+    elif "val_accuracy" in summary:  # null: the run had no validation images
+        lines += ["No validation figure: the model trained on every training image (`data.val_fraction` = 0).", ""]
     lines += ["### Per class", ""]
     if per_class:
         lines += ["| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]

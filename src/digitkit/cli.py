@@ -369,6 +369,10 @@ def cmd_augment_check(args: argparse.Namespace) -> int:
     if not recipe.enabled:
         raise ConfigError(f"recipe {args.recipe!r} has no op with p > 0: nothing to check")
     opened = runs.open_model(args.model)
+    if not opened.cfg.has_validation:
+        raise ConfigError(f"{args.model}: augment check reads the model's validation images (never the test set), "
+                          "and this model has none: it trained on every training image (data.val_fraction 0); "
+                          "check the recipe with a model trained with a hold-out")  # fmt: skip
     ds, _ = runs.evaluation_data(opened.cfg, "val", args.data_dir)  # validation images: never the test set
     n = min(args.n, len(ds))
     ds = ds.subset(torch.arange(n))
@@ -1015,7 +1019,8 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
         "best_member_test_accuracy": max(m["test_accuracy"] for m in members),
         "note": "the mean of the members' probabilities; weights come from validation only, and the test set is "
         "read once to report. val_accuracy is measured only when the members share their validation images "
-        "(data.split_seed); otherwise each member trained on the others' validation images and it is null.",
+        "(data.split_seed); otherwise each member trained on the others' validation images (or on every training "
+        "image: data.val_fraction 0) and it is null.",
     }  # fmt: skip
     out = Path(args.out) if args.out else Path(args.runs_root) / f"ensemble-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -1024,11 +1029,16 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
         print(json.dumps({**result, "out": str(out)}))
         return 0
     for m in members:
-        print(f"  {m['path']}: test {100 * m['test_accuracy']:.2f}% (val {100 * m['val_accuracy']:.2f}%, "
+        val_m = f"val {100 * m['val_accuracy']:.2f}%" if m["val_accuracy"] is not None else "no validation"
+        print(f"  {m['path']}: test {100 * m['test_accuracy']:.2f}% ({val_m}, "
               f"weight {m['weight']:.3f}{', deskewed' if m['deskew'] else ''})")
     shifts = f", {args.shifts}-px shifts" if args.shifts else ""
-    val_text = (f"validation {100 * val_accuracy:.2f}%" if val_accuracy is not None else
-                "no shared validation images (train the members with one data.split_seed)")
+    if val_accuracy is not None:
+        val_text = f"validation {100 * val_accuracy:.2f}%"
+    elif any(m["val_fraction"] == 0 for m in members):
+        val_text = "no validation images (a member trained on every training image, data.val_fraction 0)"
+    else:
+        val_text = "no shared validation images (train the members with one data.split_seed)"
     print(f"ensemble of {len(members)} ({args.weights} weights{shifts}): {val_text}; test "
           f"{100 * result['accuracy']:.2f}% ({result['errors']} errors), log loss {result['log_loss']:.4f}; "
           f"best member {100 * result['best_member_test_accuracy']:.2f}%; wrote {out}")
@@ -1449,6 +1459,8 @@ EXAMPLES: dict[str, tuple[str, list[str]]] = {
         "digitkit train --config configs/edge.yaml --out runs/edge --quiet --json",
         "digitkit train --resume runs/latest                  # continue an interrupted run",
         "digitkit train --config configs/default.yaml --extra-data feedback-idx/",
+        "digitkit train --config configs/best.yaml --set data.val_fraction=0 --set train.checkpoint_metric=last"
+        "   # refit: every training image, the last epoch kept",
     ]),  # fmt: skip
     "data": ("", [
         "digitkit data info",

@@ -280,7 +280,9 @@ def _entry_result(entry: Entry, cfg: Config, summaries: list[dict], dirs: list[s
         "n_seeds": len(summaries),
         "seeds": entry.seeds,
         "test_accuracy": _stats([s["test_accuracy"] for s in summaries]),
-        "val_accuracy": _stats([s["val_accuracy"] for s in summaries]),
+        # None when a run had no validation (data.val_fraction 0)
+        "val_accuracy": None if any(s["val_accuracy"] is None for s in summaries) else
+        _stats([s["val_accuracy"] for s in summaries]),
         "train_seconds_mean": statistics.mean(s["train_seconds"] for s in summaries),
         "run_dirs": dirs,
         "reused": reused,
@@ -322,7 +324,9 @@ def welch(name_a: str, a: list[float], name_b: str, b: list[float]) -> dict[str,
 def compare_markdown(result: dict[str, Any]) -> str:
     """compare.md: the entries table, the pairwise noise check and what the test column does not do."""
 
-    def pct(s: dict[str, Any]) -> str:
+    def pct(s: dict[str, Any] | None) -> str:
+        if s is None:
+            return "none"
         return f"{100 * s['mean']:.2f}" + (f" +- {100 * s['std']:.2f}%" if s["std"] is not None else "% (one seed)")
 
     lines = [

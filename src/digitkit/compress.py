@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -244,7 +245,9 @@ def prune_run(
         masks = magnitude_masks(model, opts.sparsity)
     meta["config"] = config.to_dict(cfg)
     device = pick_device(cfg.train.device)
-    _, val_acc_pruned = loss_and_accuracy(predict_logits(model, val_set.images, device=device), val_set.labels)
+    val_acc_pruned = None  # no validation images: the source trained on all of them (data.val_fraction 0)
+    if len(val_set):
+        _, val_acc_pruned = loss_and_accuracy(predict_logits(model, val_set.images, device=device), val_set.labels)
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -277,7 +280,7 @@ def prune_run(
             "zeros stored densely: the same file size and dense compute; a sparse format or kernel would be needed",
             "finetune_epochs": opts.finetune_epochs,
             "finetune_lr": cfg.train.lr,
-            "val_accuracy_source": float(opened.ckpt.get("metrics", {}).get("val_acc", float("nan"))),
+            "val_accuracy_source": source_val_accuracy(opened),
             "val_accuracy_before_finetune": val_acc_pruned,
         },
     }  # fmt: skip
@@ -312,7 +315,7 @@ def prune_sweep(
     return {
         "source": str(opened.checkpoint_path),
         "source_test_accuracy": source_summary.get("test_accuracy"),
-        "source_val_accuracy": float(opened.ckpt.get("metrics", {}).get("val_acc", float("nan"))),
+        "source_val_accuracy": source_val_accuracy(opened),
         "source_params": count_params(opened.model),
         "method": opts[0].method,
         "finetune_epochs": finetune_epochs,
@@ -320,6 +323,12 @@ def prune_sweep(
         "rows": rows,
         "note": "checkpoints chosen on validation; test accuracy read once per pruned model, to report",
     }
+
+
+def source_val_accuracy(opened: runs.Opened) -> float | None:
+    """The source checkpoint's validation accuracy, or None when it has none (data.val_fraction 0, or no metrics)."""
+    v = opened.ckpt.get("metrics", {}).get("val_acc")
+    return None if v is None or math.isnan(float(v)) else float(v)
 
 
 def _prune_row(s: dict[str, Any]) -> dict[str, Any]:

@@ -11,9 +11,10 @@ the fold's checkpoint (lowest val loss, as in every run) *and* gives the fold's 
 estimate; the checkpoint choice makes it slightly optimistic, by as much as picking the best of a few epochs can. The
 sealed test files are never read for the folds.
 
-`final=True` then trains one model on the training files with the config's normal hold-out split (what
-`digitkit train` does): a validation set is still needed to pick its checkpoint, so it sees 1 - val_fraction of
-the training images, not all of them, and like every run it is scored once on the test set (reported only).
+`final=True` then trains one model on the training files as `digitkit train` does with the config: with its
+hold-out split (a validation set picks its checkpoint, so it sees 1 - val_fraction of the training images), or, with
+data.val_fraction=0 and train.checkpoint_metric=last, on all of them (a refit: its last epoch is kept). Like every
+run it is scored once on the test set (reported only).
 
 Cost: the training files are read and verified once (serial), or read once per worker process; folds are
 subsets by index, so K folds cost K runs plus the `overhead_seconds` recorded in cv.json.
@@ -146,8 +147,9 @@ def run_cv(
         summary = runs.train_run(cfg, out=cv_dir / "final", reporter=reporter, point_latest_link=False)
         result["final"] = {
             "run_dir": "final",
-            "note": "trained on the training files with the config's hold-out split (val_fraction) picking the "
-            "checkpoint; test accuracy measured once and reported, not used to choose anything",
+            "note": ("trained on the training files with the config's hold-out split (val_fraction) picking the "
+                     "checkpoint" if cfg.has_validation else "trained on every training image (val_fraction 0), the "
+                     "last epoch kept") + "; test accuracy measured once and reported, not used to choose anything",
             **{k: summary[k] for k in ("val_accuracy", "test_accuracy", "test_log_loss", "best_epoch")},
             "seconds": summary["total_seconds"],
         }
@@ -328,8 +330,8 @@ def cv_markdown(result: dict[str, Any], title: str = "") -> str:
         fin = result["final"]
         lines += [
             "",
-            f"Final model: final/ (trained with the config's hold-out split picking its checkpoint); "
-            f"validation {100 * fin['val_accuracy']:.2f}%, test {100 * fin['test_accuracy']:.2f}% "
-            "(measured once, reported, not used to choose anything).",
+            f"Final model: final/ ({fin['note'].split(';')[0]}); "
+            + (f"validation {100 * fin['val_accuracy']:.2f}%, " if fin["val_accuracy"] is not None else "")
+            + f"test {100 * fin['test_accuracy']:.2f}% (measured once, reported, not used to choose anything).",
         ]
     return "\n".join(lines) + "\n"

@@ -106,14 +106,17 @@ def build(paths: list[str | Path], weighting: str = "equal") -> tuple[EnsembleMo
                                   f"{opened[0].checkpoint_path}'s {first[key]!r}; members must read the same data")
     val = [float(o.ckpt.get("metrics", {}).get("val_acc", float("nan"))) for o in opened]
     if weighting == "val" and any(v != v for v in val):  # NaN: a checkpoint without validation metrics
-        raise ConfigError("--weights val needs every member's validation accuracy; a checkpoint lacks it")
+        raise ConfigError("--weights val needs every member's validation accuracy, and a member has none (it trained "
+                          "on every training image, data.val_fraction 0, or its checkpoint has no validation "
+                          "metrics); use --weights equal")  # fmt: skip
     weights = val if weighting == "val" else [1.0] * len(opened)
     deskew = [o.cfg.preprocess.deskew for o in opened]
     input_deskew = reads_deskewed(deskew)
     members = [Deskewed(o.model) if d and not input_deskew else o.model for o, d in zip(opened, deskew, strict=True)]
     model = EnsembleModel(members, weights, input_deskew).eval()
     records = [
-        {"path": str(o.checkpoint_path), "model": o.cfg.model.name, "seed": o.cfg.seed, "val_accuracy": v,
+        {"path": str(o.checkpoint_path), "model": o.cfg.model.name, "seed": o.cfg.seed,
+         "val_accuracy": v if v == v else None,  # None: no validation (data.val_fraction 0)
          "weight": float(w), "split_seed": o.cfg.split_seed, "val_fraction": o.cfg.data.val_fraction, "deskew": d}
         for o, v, w, d in zip(opened, val, model.weights.tolist(), deskew, strict=True)
     ]  # fmt: skip
@@ -122,8 +125,9 @@ def build(paths: list[str | Path], weighting: str = "equal") -> tuple[EnsembleMo
 
 def shared_validation(records: list[dict[str, Any]]) -> bool:
     """True when every member held out the same validation images (one split seed and fraction: `data.split_seed`),
-    so the ensemble can be measured on images none of its members trained on."""
-    return len({(r["split_seed"], r["val_fraction"]) for r in records}) == 1
+    so the ensemble can be measured on images none of its members trained on. False when they trained on every
+    training image (data.val_fraction 0): there are no such images."""
+    return len({(r["split_seed"], r["val_fraction"]) for r in records}) == 1 and records[0]["val_fraction"] > 0
 
 
 def combine(member_probs: list[torch.Tensor], weights: list[float]) -> torch.Tensor:

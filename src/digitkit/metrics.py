@@ -265,6 +265,8 @@ def diagnose(
         if max(col[k]) > 1 + 1e-9:
             raise ValueError(f"{k} goes up to {max(col[k]):g}; accuracies must be fractions in [0, 1]")
     epochs = [int(e) for e in col["epoch"]]
+    if not any(math.isfinite(v) for v in col["val_loss"]):
+        return _diagnose_without_validation(epochs, col["train_acc"], underfit_below)
     e, train_acc, val_acc = epochs[-1], col["train_acc"][-1], col["val_acc"][-1]
     val_loss, train_loss = col["val_loss"], col["train_loss"]
     best = int(np.argmin(val_loss))
@@ -320,6 +322,22 @@ def diagnose(
             "augmentation is on, with any dropout active and any label smoothing in the loss"
         )
     return {"verdict": verdict, "reasons": reasons, "next_steps": _next_steps(verdict, epochs[best], len(rows), lrs)}
+
+
+def _diagnose_without_validation(epochs: list[int], train_acc: list[float], underfit_below: float) -> dict[str, Any]:
+    """A run with no validation (data.val_fraction 0): only an underfit shows in its training curve."""
+    best = max(train_acc)
+    reason = (f"no validation curve: the run trained on every training image (data.val_fraction 0), so over- or "
+              f"under-training cannot be told from its metrics; train accuracy {_pct(train_acc[-1])} at epoch "
+              f"{epochs[-1]} (in-epoch, on augmented batches)")  # fmt: skip
+    if best < underfit_below:
+        return {"verdict": "underfitting",
+                "reasons": [f"best train accuracy {_pct(best)} is below {_pct(underfit_below)}: the model does not fit "
+                            "even the training data", reason],
+                "next_steps": _next_steps("underfitting", epochs[-1], len(epochs), [])}  # fmt: skip
+    return {"verdict": "no-validation", "reasons": [reason],
+            "next_steps": ["diagnose the recipe on a run with a hold-out (data.val_fraction=0.1), then refit on "
+                           "every training image once it is fixed"]}  # fmt: skip
 
 
 def _next_steps(verdict: str, best_epoch: int, n_epochs: int, lrs: list[float]) -> list[str]:

@@ -218,10 +218,10 @@ def finish_run(
     def logits(images: torch.Tensor) -> torch.Tensor:
         return predict_logits(model, images, cfg.train.eval_batch_size, device, cfg.train.channels_last)
 
-    val_loss = val_acc = None  # no validation (data.val_fraction 0)
+    recorded = fit_state is not None and fit_state.best_path == best_path.name
     if not len(val_set):
-        pass
-    elif fit_state is not None and fit_state.best_path == best_path.name and not math.isnan(fit_state.best_val_log_loss):
+        val_loss = val_acc = None  # no validation (data.val_fraction 0)
+    elif recorded and not math.isnan(fit_state.best_val_log_loss):
         val_loss, val_acc = fit_state.best_val_log_loss, fit_state.best_val_acc
     else:
         val_loss, val_acc = loss_and_accuracy(logits(val_set.images), val_set.labels)
@@ -344,8 +344,9 @@ def evaluation_data(cfg: Config, split: str, data_dir: str | Path | None = None)
         return ds, slices
     if split == "val":
         if not cfg.has_validation:
-            raise ConfigError("split val: this run trained on every training image (data.val_fraction 0), so it "
-                              "has no validation hold-out; use split test, or a run with a hold-out")  # fmt: skip
+            raise ConfigError("no validation images: this model trained on every training image (data.val_fraction "
+                              "0), so it has no hold-out; measure it on the test set, or use a run trained with a "
+                              "hold-out")  # fmt: skip
         full = prepared(data.load_split(folder, "train", verify=cfg.data.verify), cfg)
         _, val_idx = data.stratified_split(full.labels, cfg.data.val_fraction, cfg.split_seed)
         return full.subset(val_idx), {}

@@ -327,8 +327,8 @@ def _update_best(state: FitState, model: DigitModel, row: dict, log_loss: float,
         return
     stamp = time.strftime("%Y%m%d-%H%M%S")
     kind = "final" if metric == "last" else "best"
-    measured = f"val{100 * row['val_acc']:.2f}" if not math.isnan(row["val_acc"]) else f"train{100 * row['train_acc']:.2f}"
-    path = run_dir / f"{kind}-{stamp}-e{row['epoch']:03d}-{measured}.pt"
+    acc = f"val{100 * row['val_acc']:.2f}" if not math.isnan(row["val_acc"]) else f"train{100 * row['train_acc']:.2f}"
+    path = run_dir / f"{kind}-{stamp}-e{row['epoch']:03d}-{acc}.pt"
     metrics = {k: row[k] for k in ("epoch", "val_acc", "val_loss", "train_acc", "train_loss")}
     checkpoint.save(path, {**checkpoint.model_payload(model, meta), "kind": "model", "metrics": metrics})
     if state.best_path and Path(state.best_path).name != path.name:

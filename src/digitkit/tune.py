@@ -523,6 +523,10 @@ def run_study(
                           "the same --storage and --study instead of launching it with torchrun")  # fmt: skip
     if space.objective == "cv":
         cv.check_folds(space.folds)
+    elif not base.has_validation:
+        raise ConfigError("objective val scores each trial on the config's validation hold-out, but "
+                          "data.val_fraction is 0 (no hold-out); set data.val_fraction=0.1, or use objective: cv "
+                          "(k-fold on the training files)")  # fmt: skip
     study = open_study(study_name, url, base, space)
     objective = Objective(base, space, out_dir, n_trials, reporter_factory)
 

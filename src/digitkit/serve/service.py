@@ -173,11 +173,15 @@ def _reference_baseline(opened: Any, recognizer: Recognizer) -> Baseline:
         log.warning("no reference data for the drift baseline (%s); assuming uniform classes", e)
         k = len(recognizer.classes)
         return Baseline({c: 1 / k for c in recognizer.classes}, 0.9, 0.0, 0, "uniform prior (no data)")
-    _, val_idx = data.stratified_split(full.labels, cfg.data.val_fraction, cfg.split_seed)
+    train_idx, val_idx = data.stratified_split(full.labels, cfg.data.val_fraction, cfg.split_seed)
+    what = "validation images"
+    if not len(val_idx):  # data.val_fraction 0: a seeded sample of the training images, all of which it trained on
+        val_idx = train_idx[torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(cfg.split_seed))]
+        what = "training images (the model has no validation hold-out, so its confidence there runs high)"
     val = runs.prepared(full.subset(val_idx[:BASELINE_IMAGES]), cfg)
     pres = [Preprocessed(x.float().div(255)) for x in val.images]
     answers = recognizer.answers(pres)
-    return compute_baseline(answers, recognizer.classes, f"{len(val)} validation images of {cfg.data.dir}")
+    return compute_baseline(answers, recognizer.classes, f"{len(val)} {what} of {cfg.data.dir}")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
