@@ -99,7 +99,7 @@ def test_evaluate_accepts_a_checkpoint_file_and_rejects_anything_else(tiny_run, 
     assert code == 0 and json.loads(out)["checkpoint"] == ckpt.name
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     for bad, message in ((tmp_path / "junk.pt", "not a loadable digitkit checkpoint"),
-                         (tmp_path, "no best-*.pt checkpoint"),
+                         (tmp_path, "no best-*.pt or final-*.pt checkpoint"),
                          (tmp_path / "missing", "no such checkpoint or run folder")):  # fmt: skip
         code, _, err = run_cli(capsys, "evaluate", bad, "--quick")
         assert code == 2 and message in err and "Traceback" not in err

@@ -93,7 +93,7 @@ def test_rejection_reasons(mnist_small_run, mnist_test, tmp_path, capsys):
     code, _, err = run_cli(capsys, "predict", "--model", mnist_small_run, digit, "--reject-below", "1.5")
     assert code == 2 and "reject_below_confidence" in err
     code, _, err = run_cli(capsys, "predict", "--model", tmp_path, digit)
-    assert code == 2 and "no best-*.pt checkpoint" in err
+    assert code == 2 and "no best-*.pt or final-*.pt checkpoint" in err
 
 
 def test_one_preprocess_is_shared():
