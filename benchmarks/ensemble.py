@@ -99,14 +99,18 @@ def member_dir(root: Path, seed: int, kind: str) -> Path:
 
 
 def train(root: Path, members: list[tuple[int, str]], options: list[str]) -> None:
-    """One `digitkit train --config configs/best.yaml` run per member not yet trained, with `options` (--set ...)."""
+    """One `digitkit train --config configs/best.yaml` run per member not yet trained, with `options` (--set ...).
+    A member interrupted after an epoch (last.pt, no summary.json) is resumed from it with its own saved config."""
     for seed, kind in members:
         out = member_dir(root, seed, kind)
         if (out / "summary.json").is_file():
             print(f"{out}: already trained", flush=True)
             continue
-        cmd = [sys.executable, "-m", "digitkit", "train", "--config", str(ROOT / "configs" / "best.yaml"),
-               "--set", f"seed={seed}", *options, *EXTRA[kind], "--out", str(out), "--quiet"]  # fmt: skip
+        if (out / "last.pt").is_file():
+            cmd = [sys.executable, "-m", "digitkit", "train", "--resume", str(out), "--quiet"]
+        else:
+            cmd = [sys.executable, "-m", "digitkit", "train", "--config", str(ROOT / "configs" / "best.yaml"),
+                   "--set", f"seed={seed}", *options, *EXTRA[kind], "--out", str(out), "--quiet"]  # fmt: skip
         print("$ " + " ".join(cmd[2:]), flush=True)
         subprocess.run(cmd, check=True)
 
