@@ -115,8 +115,8 @@ def check_last() -> dict:
         cfg.data.dir = str(ROOT / "data" / "mnist")
         cfg.preprocess.deskew = model.input_deskew
         val, _ = runs.evaluation_data(cfg, "val")
-        best = [member_probs(d, m, {"val": val.images, "test": runs.evaluation_data(cfg, "test")[0].images}
-                             )[f"val-{SHIFTS}"] for d, m in zip(dirs, model.members, strict=True)]  # fmt: skip
+        images = {"val": val.images, "test": runs.evaluation_data(cfg, "test")[0].images}  # the cache holds both
+        best = [member_probs(d, m, images)[f"val-{SHIFTS}"] for d, m in zip(dirs, model.members, strict=True)]
         for d, m in zip(dirs, model.members, strict=True):
             last_epoch_weights(d, m)
         last = ensemble.member_probs(model, val.images, SHIFTS)

@@ -145,11 +145,13 @@ def run_cv(
     if final:
         reporter = reporter_factory("final") if reporter_factory else None
         summary = runs.train_run(cfg, out=cv_dir / "final", reporter=reporter, point_latest_link=False)
+        trained = ("trained on the training files with the config's hold-out split (val_fraction) picking the "
+                   "checkpoint" if cfg.has_validation else "trained on every training image (val_fraction 0), the "
+                   "last epoch kept")
         result["final"] = {
             "run_dir": "final",
-            "note": ("trained on the training files with the config's hold-out split (val_fraction) picking the "
-                     "checkpoint" if cfg.has_validation else "trained on every training image (val_fraction 0), the "
-                     "last epoch kept") + "; test accuracy measured once and reported, not used to choose anything",
+            "trained": trained,
+            "note": f"{trained}; test accuracy measured once and reported, not used to choose anything",
             **{k: summary[k] for k in ("val_accuracy", "test_accuracy", "test_log_loss", "best_epoch")},
             "seconds": summary["total_seconds"],
         }
@@ -330,7 +332,7 @@ def cv_markdown(result: dict[str, Any], title: str = "") -> str:
         fin = result["final"]
         lines += [
             "",
-            f"Final model: final/ ({fin['note'].split(';')[0]}); "
+            f"Final model: final/ ({fin['trained']}); "
             + (f"validation {100 * fin['val_accuracy']:.2f}%, " if fin["val_accuracy"] is not None else "")
             + f"test {100 * fin['test_accuracy']:.2f}% (measured once, reported, not used to choose anything).",
         ]
