@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -39,15 +40,17 @@ class Server:
 
 @contextlib.contextmanager
 def serve(model: Path | str, tmp: Path, *args: str, env: dict[str, str] | None = None,
-          threads: int = 1) -> Iterator[Server]:  # fmt: skip
-    """Run `digitkit serve --model MODEL ARGS...` on a free port until the block ends (SIGTERM, then SIGKILL)."""
+          threads: int = 1, max_fds: int | None = None) -> Iterator[Server]:  # fmt: skip
+    """Run `digitkit serve --model MODEL ARGS...` on a free port until the block ends (SIGTERM, then SIGKILL);
+    `max_fds` sets the process's file-descriptor limit (soft and hard, as `ulimit -n` would)."""
     port = free_port()
     log_path = tmp / f"server-{port}.log"
     full_env = {**os.environ, "OMP_NUM_THREADS": str(threads), **(env or {})}
     cmd = [sys.executable, "-m", "digitkit", "serve", "--model", str(model), "--host", "127.0.0.1",
            "--port", str(port), *args]  # fmt: skip
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env)
+        limit = None if max_fds is None else lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (max_fds, max_fds))
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, preexec_fn=limit)
     server = Server(f"http://127.0.0.1:{port}", proc, log_path)
     try:
         wait_ready(server)

@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,7 +24,7 @@ import yaml
 from sqlalchemy.engine import make_url
 
 from digitkit import config, data, runs
-from digitkit.cli import main, parse_since
+from digitkit.cli import main, parse_age, parse_since
 from digitkit.errors import ConfigError, DataError
 from digitkit.serve.audit import AuditLog, AuditRecord
 
@@ -331,6 +332,50 @@ def test_cli_stats_and_exports(tmp_path, capsys):
     assert "unsupported database" in capsys.readouterr().err
 
 
+def test_cli_prune(tmp_path, capsys):
+    import time
+
+    db = str(tmp_path / "audit.db")
+    log = AuditLog(db)
+    now = time.time()
+    records = [rec(i, time=now - 86400 * (39.5 - i)) for i in range(40)]  # one a day, 39.5 to 0.5 days old
+    log.record(records)
+    for r in records[25:28]:
+        log.feedback(r.request_id, r.digit)
+    log.close()
+
+    assert main(["audit", "prune", "--db", db, "--max-age", "30d", "--max-rows", "20", "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "would delete   20 predictions (10 over the age limit, 10 over the row limit; 0 of them labelled)" in text
+    assert "limits         older than 30d (before " in text and "beyond 20 rows (unlabelled first)" in text
+    assert "would keep     20 predictions (3 labelled), from " in text and "dry run: nothing was deleted" in text
+    assert main(["audit", "stats", "--db", db, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["total"] == 40
+
+    assert main(["audit", "prune", "--db", db, "--max-age", "35d"]) == 0  # rows 0-4 (35.5 to 39.5 days old) go
+    assert "deleted        5 predictions (5 over the age limit, 0 over the row limit; 0 of them labelled)" in \
+        capsys.readouterr().out  # fmt: skip
+    assert main(["audit", "prune", "--db", db, "--max-rows", "10", "--json"]) == 0
+    out = capsys.readouterr()
+    result = json.loads(out.out)
+    assert result["deleted"] == 25 and result["deleted_labelled"] == 0 and result["kept_labelled"] == 3
+    assert result["kept"] == 10 and result["dry_run"] is False and not out.err
+    assert main(["audit", "prune", "--db", db, "--max-rows", "2"]) == 0  # the 3 labelled rows alone exceed 2
+    out = capsys.readouterr()
+    assert "deleted        8 predictions (0 over the age limit, 8 over the row limit; 1 of them labelled)" in out.out
+    assert "digitkit: warning: labelled predictions alone (3) fill max_rows (2)" in out.err
+
+    for argv, message in [([], "nothing to prune: give --max-age (e.g. 30d) and/or --max-rows"),
+                          (["--max-age", "30 days"], "--max-age '30 days': expected an age above zero"),
+                          (["--max-age", "0d"], "--max-age '0d': expected an age above zero"),
+                          (["--max-age", "2024-01-01"], "(90m, 24h, 30d)")]:  # fmt: skip
+        assert main(["audit", "prune", "--db", db, *argv]) == 2
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["audit", "prune", "--db", db, "--max-rows", "0"])
+    assert exit_info.value.code == 2 and "expected a positive integer, got 0" in capsys.readouterr().err
+
+
 def test_parse_since():
     assert parse_since("1700000000") == 1_700_000_000
     assert parse_since("2h", now=10_000.0) == 10_000 - 7200
@@ -338,6 +383,7 @@ def test_parse_since():
     assert parse_since(None) is None
     with pytest.raises(ConfigError, match="expected an ISO time"):
         parse_since("yesterday")
+    assert parse_age("90m") == 5400 and parse_age("1.5d") == 129600
 
 
 # ---------------------------------------------------------------------------------------------- train --extra-data
@@ -403,3 +449,191 @@ def test_extra_data_of_another_shape_or_classes_is_a_clear_error(tmp_path, tiny_
     (tmp_path / "broken" / "train-images-idx3-ubyte").write_bytes(b"\0\0\x08\x03")
     with pytest.raises(DataError, match="no train labels file"):
         data.load_extra(tmp_path / "broken", CLASSES, (28, 28))
+
+
+# ---------------------------------------------------------------------------------------------- retention
+BASE = 1_700_000_000.0  # rec(i) was recorded at BASE + i
+
+
+def kept_ids(log: AuditLog) -> set[str]:
+    out = io.StringIO()
+    log.export(out, "csv")
+    return {row["request_id"] for row in csv.DictReader(io.StringIO(out.getvalue()))}
+
+
+def test_prune_by_age_then_rows_keeps_labelled_rows_longest(log):
+    records = [rec(i) for i in range(30)]
+    log.record(records)
+    labelled = (0, 1, 2, 10, 12, 14)  # three old enough for the age limit, three in the middle
+    for i in labelled:
+        log.feedback(records[i].request_id, records[i].digit)
+    # Age: rows 0-4 are more than 25 s older than BASE + 30 (labelled ones too). Rows: of the 25 left, the 3
+    # labelled ones stay and the 7 newest unlabelled ones (23-29) fill the 10 rows.
+    expected = {records[i].request_id for i in (10, 12, 14, *range(23, 30))}
+    dry = log.prune(max_age_s=25, max_rows=10, now=BASE + 30, dry_run=True)
+    assert (dry.deleted_by_age, dry.deleted_by_rows, dry.deleted_labelled) == (5, 15, 3)
+    assert (dry.kept, dry.kept_labelled, dry.oldest_kept) == (10, 3, BASE + 10) and dry.dry_run
+    assert log.stats()["total"] == 30  # a dry run deletes nothing
+
+    done = log.prune(max_age_s=25, max_rows=10, now=BASE + 30, batch=4)
+    assert (done.deleted_by_age, done.deleted_by_rows, done.deleted_labelled, done.deleted) == (5, 15, 3, 20)
+    assert (done.kept, done.kept_labelled, done.oldest_kept, done.cutoff) == (10, 3, BASE + 10, BASE + 5)
+    assert kept_ids(log) == expected and not done.warnings
+    json.dumps(done.to_json())  # what `digitkit audit prune --json` prints
+    again = log.prune(max_age_s=25, max_rows=10, now=BASE + 30)
+    assert again.deleted == 0 and again.kept == 10  # the limits are met: nothing more goes
+
+    # Labelled rows alone over the limit: every unlabelled row goes, then the oldest labelled one, with a warning.
+    tight = log.prune(max_rows=2)
+    assert (tight.deleted_by_rows, tight.deleted_labelled) == (8, 1)
+    assert kept_ids(log) == {records[12].request_id, records[14].request_id}
+    assert len(tight.warnings) == 1 and "labelled predictions alone (3) fill max_rows (2)" in tight.warnings[0]
+
+
+def test_prune_deletes_in_batches_and_stops_between_them(log):
+    log.record([rec(i) for i in range(50)])
+    asked = []
+    result = log.prune(max_rows=10, batch=7, stop=lambda: asked.append(1) and False)
+    assert result.deleted_by_rows == 40 and result.kept == 10 and result.oldest_kept == BASE + 40
+    assert len(asked) == 7  # 40 rows in batches of 7 (6 transactions), then one that finds nothing: asked each time
+
+    newer = [rec(i) for i in range(100, 130)]
+    log.record(newer)
+    asked.clear()
+    stopped = log.prune(max_rows=10, batch=4, stop=lambda: len(asked) > 2 or asked.append(1))
+    assert stopped.deleted_by_rows == 12 and stopped.kept == 28  # three batches of 4, then asked to stop
+    assert stopped.oldest_kept == BASE + 102  # the oldest went first: 40-49, then 100 and 101
+    assert log.prune(max_rows=10).deleted_by_rows == 18  # the rest
+    assert kept_ids(log) == {r.request_id for r in newer[-10:]}
+
+
+def test_two_processes_pruning_at_once_delete_no_more_than_one(db_url):
+    """The server's workers each run a pruner: the limit is a boundary fixed up front, so they delete the same rows
+    (each once), never twice as many."""
+    first = AuditLog(db_url)
+    records = [rec(i) for i in range(300)]
+    first.record(records)
+    second = AuditLog(db_url)
+    go = threading.Barrier(2)
+    results = []
+
+    def prune(log: AuditLog) -> None:
+        go.wait()
+        results.append(log.prune(max_rows=100, batch=10))
+
+    threads = [threading.Thread(target=prune, args=(log,)) for log in (first, second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    try:
+        assert len(results) == 2 and sum(r.deleted for r in results) == 200
+        assert kept_ids(first) == {r.request_id for r in records[200:]}
+    finally:
+        first.close()
+        second.close()
+
+
+def test_prune_arguments_are_checked(log):
+    for kwargs, word in [({"max_age_s": 0}, "max age 0 s"), ({"max_age_s": float("nan")}, "max age nan"),
+                         ({"max_rows": 0}, "max rows 0"), ({"max_rows": 2.5}, "max rows 2.5"),
+                         ({"max_rows": True}, "max rows True"), ({"max_rows": 5, "batch": 0}, "batch 0")]:  # fmt: skip
+        with pytest.raises(ConfigError, match=re.escape(word)):
+            log.prune(**kwargs)
+    nothing = log.prune()  # no limit: nothing to do, on an empty log too
+    assert nothing.deleted == 0 and nothing.kept == 0 and nothing.oldest_kept is None
+
+
+def test_retention_settings_are_validated():
+    from digitkit.serve import settings
+
+    s = settings.from_dict({"audit": {"max_age_days": 30, "max_rows": 1000}})
+    assert s.audit.max_age_s == 30 * 86400 and s.audit.max_rows == 1000 and s.audit.enabled
+    assert not settings.from_dict({}).audit.enabled  # the default keeps everything
+    assert settings.from_dict(json.loads(s.to_env())).audit == s.audit  # what --workers N hands its workers
+    bad = [({"max_age_days": 0}, "audit.max_age_days = 0.0: expected a number of days > 0"),
+           ({"max_age_days": -3}, "audit.max_age_days = -3.0"), ({"max_age_days": "nan"}, "audit.max_age_days = nan"),
+           ({"max_rows": 0}, "audit.max_rows = 0: expected a positive number of rows"),
+           ({"max_rows": 1.5}, "'audit.max_rows' = 1.5: expected int"),
+           ({"prune_every_s": 0.1}, "audit.prune_every_s = 0.1: expected seconds between prunes, from 1 to 604,800"),
+           ({"prune_every_s": 1e300}, "audit.prune_every_s = 1e+300"),
+           ({"max_age": 30}, "unknown config key 'audit.max_age'")]  # fmt: skip
+    for raw, message in bad:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            settings.from_dict({"audit": raw})
+    with pytest.raises(ConfigError, match=re.escape("audit.max_rows = '5': expected a positive number")):
+        settings.AuditSettings(max_rows="5")  # built in code, without the YAML's type checks
+
+
+def test_the_pruner_thread_prunes_at_start_and_outlives_a_failure(tmp_path, caplog):
+    import logging
+    import time
+
+    from digitkit.serve.settings import AuditSettings
+
+    log = AuditLog(tmp_path / "audit.db")
+    log.record([rec(i) for i in range(20)])
+    real_prune, calls = log.prune, []
+
+    def flaky(**kwargs):
+        calls.append(kwargs)
+        if len(calls) == 1:
+            raise DataError("audit database x: cannot prune the audit log (disk I/O error)")
+        return real_prune(**kwargs)
+
+    log.prune = flaky
+    assert log.start_pruner(AuditSettings())._thread is None  # no limit: no thread
+    with caplog.at_level(logging.INFO, logger="digitkit.serve"):
+        pruner = log.start_pruner(AuditSettings(max_rows=5, prune_every_s=1))
+        try:
+            deadline = time.monotonic() + 20
+            while pruner.runs < 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert pruner.failures == 1 and pruner.runs == 1, (pruner.failures, pruner.runs)
+            assert pruner._thread.daemon and pruner._thread.name == "digitkit-audit-prune"
+        finally:
+            pruner.close()
+    assert not pruner._thread.is_alive()
+    assert calls[0]["max_rows"] == 5 and calls[0]["max_age_s"] is None
+    assert log.stats()["total"] == 5 and pruner.last.deleted == 15
+    text = caplog.text
+    assert "pruning" in text and "failed (audit database x: cannot prune the audit log (disk I/O error)); serving " \
+        "goes on, next try in 1 s" in text and "audit retention: deleted 15 predictions" in text  # fmt: skip
+    log.close()
+
+
+def test_a_server_with_retention_prunes_in_the_background(mnist_small_run, tmp_path):
+    import time
+
+    from tests.serving import serve
+
+    db = tmp_path / "audit.db"
+    old = AuditLog(db)
+    records = [rec(i) for i in range(30)]  # from 2023: over the age limit
+    old.record(records)
+    old.feedback(records[0].request_id, "0")  # the age limit applies to labelled rows too
+    old.close()
+    settings = tmp_path / "serve.yaml"
+    settings.write_text("audit:\n  max_age_days: 30\n  max_rows: 8\n  prune_every_s: 1\n")
+    pixels = np.random.default_rng(0).integers(0, 256, (12, 28, 28)).astype(float)
+    pixels[:, 8:20, 12:16] = 255
+    with serve(mnist_small_run, tmp_path, "--settings", str(settings), "--audit-db", str(db)) as srv, \
+            srv.client() as c:  # fmt: skip
+        ids = []
+        for i, p in enumerate(pixels):
+            ids.append(c.post("/v1/predict", json={"pixels": p.tolist()}).json()["request_id"])
+            if i < 2:  # labelled while the log is under its row limit
+                assert c.post("/v1/feedback", json={"request_id": ids[i], "true_label": "1"}).status_code == 200
+        log = AuditLog(db)
+        try:
+            deadline = time.monotonic() + 30
+            while log.stats()["total"] > 8 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            # The 2023 rows went at startup (age); then, over 8 rows, the oldest unlabelled answers; the two
+            # labelled ones stay although they are the oldest.
+            assert kept_ids(log) == {ids[0], ids[1], *ids[-6:]}
+        finally:
+            log.close()
+        assert c.get("/readyz").status_code == 200
+        assert "(30 over the age limit, 0 over max_rows; 1 labelled)" in srv.log()
+        assert "over max_rows" in srv.log().split("(30 over the age limit", 1)[1]  # then a prune by rows

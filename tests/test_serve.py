@@ -466,6 +466,81 @@ def test_baseline_is_stored_with_the_model_and_tied_to_its_checkpoint(server, mn
     assert load_baseline(mnist_small_run, "0" * 64) is None  # another checkpoint: recomputed, never reused
 
 
+def test_a_fallback_baseline_is_never_stored_and_is_measured_once_the_data_is_there(mnist_small_run, tmp_path):
+    """Started where the run's data folder does not exist, the server serves with the uniform fallback, says so and
+    stores nothing; a fallback stored by an older version is not trusted; once the data is there, a reload measures
+    the real baseline and stores it."""
+    import shutil
+
+    import torch
+
+    from digitkit import checkpoint, runs
+    from digitkit.serve.drift import BASELINE_FILE, FALLBACK_SOURCE
+    from tests.conftest import MNIST_DIR
+
+    run = tmp_path / "run"
+    shutil.copytree(mnist_small_run, run, ignore=shutil.ignore_patterns(BASELINE_FILE, "serve"))
+    data_dir = tmp_path / "mnist"  # does not exist yet
+    ckpt_path = checkpoint.resolve(run)
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    ckpt["config"]["data"]["dir"] = str(data_dir)  # where the model says its data is
+    torch.save(ckpt, ckpt_path)
+    sha = runs.checkpoint_sha256(ckpt_path)
+    measured = re.compile(r"^digitkit_drift_baseline_measured (\S+)$", re.M)
+    with serve(run, tmp_path, "--audit-db", str(tmp_path / "audit.db"), env={"DIGITKIT_ADMIN_TOKEN": ADMIN}) as srv, \
+            srv.client() as c:  # fmt: skip
+        base = c.get("/v1/model").json()["drift_baseline"]
+        assert base["measured"] is False and base["source"] == FALLBACK_SOURCE and base["images"] == 0, base
+        assert not (run / BASELINE_FILE).exists()
+        assert measured.search(c.get("/metrics").text)[1] == "0.0"
+        assert "no reference data for the drift baseline" in srv.log() and str(data_dir) in srv.log()
+
+        # What older versions stored in this situation: a fallback saved as if measured.
+        old = {"class_distribution": {str(k): 0.1 for k in range(10)}, "mean_confidence": 0.9, "rejection_rate": 0.0,
+               "images": 0, "source": FALLBACK_SOURCE, "checkpoint_sha256": sha}  # fmt: skip
+        (run / BASELINE_FILE).write_text(json.dumps(old))
+        assert c.post("/v1/admin/reload", headers=ADMIN_H).status_code == 200  # still no data
+        assert c.get("/v1/model").json()["drift_baseline"]["measured"] is False
+        assert json.loads((run / BASELINE_FILE).read_text()) == old  # not trusted, and not written over
+
+        data_dir.symlink_to(MNIST_DIR, target_is_directory=True)  # the data arrives
+        assert c.post("/v1/admin/reload", headers=ADMIN_H).status_code == 200
+        base = c.get("/v1/model").json()["drift_baseline"]
+        assert base["measured"] is True and base["images"] > 0 and "validation images" in base["source"], base
+        assert measured.search(c.get("/metrics").text)[1] == "1.0"
+    stored = json.loads((run / BASELINE_FILE).read_text())
+    assert stored["measured"] is True and stored["checkpoint_sha256"] == sha and stored["images"] == base["images"]
+    assert abs(sum(stored["class_distribution"].values()) - 1) < 1e-3 and stored["class_distribution"] != \
+        old["class_distribution"]  # fmt: skip
+
+
+def test_baseline_files_a_fallback_is_never_saved_nor_loaded(tmp_path):
+    from digitkit.serve import drift
+    from digitkit.serve.drift import BASELINE_FILE, FALLBACK_SOURCE, Baseline, load_baseline, save_baseline
+
+    sha = "a" * 64
+    fallback = drift.uniform_baseline(["0", "1", "2", "3"])
+    assert not fallback.measured and fallback.images == 0 and fallback.class_distribution["2"] == 0.25
+    save_baseline(fallback, tmp_path, sha)
+    assert not (tmp_path / BASELINE_FILE).exists()
+
+    real = Baseline({"0": 0.25, "1": 0.25, "2": 0.25, "3": 0.25}, 0.97, 0.01, 400, "400 validation images of x")
+    save_baseline(real, tmp_path, sha)
+    assert json.loads((tmp_path / BASELINE_FILE).read_text())["measured"] is True
+    assert load_baseline(tmp_path, sha) == real
+
+    def old_file(**changes) -> Baseline | None:
+        raw = {"class_distribution": real.class_distribution, "mean_confidence": 0.97, "rejection_rate": 0.01,
+               "images": 400, "source": "400 validation images of x", "checkpoint_sha256": sha, **changes}
+        (tmp_path / BASELINE_FILE).write_text(json.dumps(raw))
+        return load_baseline(tmp_path, sha)
+
+    assert old_file() == real  # written before `measured` existed, and measured: kept
+    assert old_file(images=0, source=FALLBACK_SOURCE) is None  # a fallback an older version stored
+    assert old_file(source=FALLBACK_SOURCE) is None
+    assert old_file(measured=False) is None
+
+
 # ------------------------------------------------------------------------------------- in-process units
 def test_drift_monitor_signals_cross_and_recover():
     from digitkit.serve.drift import Baseline, DriftMonitor

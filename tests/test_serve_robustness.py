@@ -22,6 +22,7 @@ import threading
 import time
 import zlib
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -337,6 +338,14 @@ def _bodies(x: np.ndarray) -> list[tuple[str, str, dict]]:
         ("batch item with both fields", "/v1/predict/batch", {"json": {"images": [{"image": "AAAA", "pixels": flat}]}}),
         ("batch bad base64 item", "/v1/predict/batch", {"json": {"images": [{"image": "%%%"}]}}),
         ("read pattern not a string", "/v1/read", {"json": {"pixels": flat, "pattern": 5}}),
+        ("read pattern with a back-reference", "/v1/read", {"json": {"pixels": flat, "pattern": r"(\d)\1"}}),
+        ("read pattern over 200 characters", "/v1/read", {"json": {"pixels": flat, "pattern": "1" * 201}}),
+        ("read pattern expanding past the state cap", "/v1/read", {"json": {"pixels": flat,
+                                                                          "pattern": "((1{100}){100})"}}),
+        ("pixels of booleans", "/v1/predict", {"json": {"pixels": [[True, False], [False, True]]}}),
+        ("bytes that are no image", "/v1/predict", {"content": b"\x00" * 64, "headers": raw}),
+        ("feedback body of 1 MB", "/v1/feedback", {"content": b'{"request_id": "' + b"a" * 2**20 + b'"}',
+                                                   "headers": as_json}),
         ("explain methods empty", "/v1/explain", {"json": {"pixels": flat, "methods": []}}),
         ("feedback wrong types", "/v1/feedback", {"json": {"request_id": 5, "true_label": ["7"]}}),
         ("feedback as PNG", "/v1/feedback", {"content": png, "headers": raw}),
@@ -364,6 +373,367 @@ def test_malformed_inputs_get_4xx_json_and_the_server_keeps_serving(server: Serv
                 body = None
             if not (400 <= r.status_code < 500 and isinstance(body, dict) and set(body) == {"error", "detail"}):
                 problems.append(f"{name} ({route}): {r.status_code} {r.text[:300]}")
+            elif re.search(r"object at 0x|<[a-zA-Z_.]+ object", r.text):
+                problems.append(f"{name} ({route}): a Python object repr in the answer: {r.text[:300]}")
     assert not problems, "\n".join(problems) + f"\n--- server log ---\n{server.log()[-3000:]}"
     assert "internal error" not in server.log()
     assert_serving(server, x)
+
+
+# ------------------------------------------------------------------------------------------ attacks
+# Each attack runs against a real server with small limits, bounded in count and time, while a prober measures
+# /healthz from another address. The issue's aim is a /healthz p99 under 50 ms during each attack on 2 cores; the
+# tests allow HEALTHZ_P99_MS (a shared, noisy CI machine) and fail far below what the defects caused (5.5 s for the
+# pattern, time-outs for the flood, 938 ms p50 for the GIFs). benchmarks/serve_attacks.py gives the real figures.
+HEALTHZ_P99_MS = 150.0
+ATTACK_LIMITS = {"max_connections": 200, "max_connections_per_client": 50, "header_timeout_s": 1.5,
+                 "body_timeout_s": 1.5, "max_inflight": 8, "max_inflight_per_client": 6}  # fmt: skip
+ATTACKER = "127.0.0.2"
+"""The attack's source address (all of 127.0.0.0/8 is this machine); the prober uses 127.0.0.1."""
+
+
+@pytest.fixture(scope="module")
+def guarded(mnist_small_run: Path, tmp_path_factory) -> Server:
+    tmp = tmp_path_factory.mktemp("attacks")
+    settings = tmp / "serve.yaml"
+    settings.write_text(json.dumps({"limits": ATTACK_LIMITS}))
+    with serve(mnist_small_run, tmp, "--settings", str(settings), "--audit-db", f"sqlite:///{tmp / 'audit.db'}") as s:
+        yield s
+
+
+class Prober:
+    """/healthz over one keep-alive connection from 127.0.0.1, every 10 ms, in a thread, until stopped."""
+
+    def __init__(self, server: Server) -> None:
+        self.server, self.times_ms, self.failures = server, [], []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with httpx.Client(base_url=self.server.url, timeout=10) as c:
+            while not self._stop.is_set():
+                t0 = time.perf_counter()
+                try:
+                    r = c.get("/healthz")
+                    if r.status_code != 200:
+                        self.failures.append(f"{r.status_code} {r.text[:100]}")
+                except httpx.HTTPError as e:
+                    self.failures.append(repr(e))
+                self.times_ms.append((time.perf_counter() - t0) * 1000)
+                self._stop.wait(0.01)
+
+    def __enter__(self) -> Prober:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=15)
+
+    def p99(self) -> float:
+        times = sorted(self.times_ms)
+        return times[min(len(times) - 1, int(0.99 * len(times)))] if times else float("inf")
+
+    def check(self) -> None:
+        assert len(self.times_ms) >= 20, f"only {len(self.times_ms)} health probes ran"
+        assert not self.failures, f"/healthz failed during the attack: {self.failures[:5]}"
+        assert self.p99() < HEALTHZ_P99_MS, (f"/healthz p99 {self.p99():.1f} ms during the attack (max "
+                                             f"{max(self.times_ms):.1f} ms over {len(self.times_ms)} probes)")
+
+
+def metric(server: Server, name: str, **labels: str) -> float:
+    text = httpx.get(server.url + "/metrics", timeout=10).text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            if all(f'{k}="{v}"' in line for k, v in labels.items()):
+                total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def lag_over(server: Server, seconds: float) -> float:
+    """Event-loop lag samples over `seconds` (from the digitkit_event_loop_lag_seconds histogram)."""
+    text = httpx.get(server.url + "/metrics", timeout=10).text
+    count = bucket = 0.0
+    for line in text.splitlines():
+        if line.startswith("digitkit_event_loop_lag_seconds_count"):
+            count = float(line.rsplit(" ", 1)[1])
+        if line.startswith(f'digitkit_event_loop_lag_seconds_bucket{{le="{seconds}"}}'):
+            bucket = float(line.rsplit(" ", 1)[1])
+    return count - bucket
+
+
+def attacker_socket(server: Server, address: str = ATTACKER) -> Any:
+    import socket
+
+    port = int(server.url.rsplit(":", 1)[1])
+    s = socket.socket()
+    s.bind((address, 0))
+    s.settimeout(10)
+    s.connect(("127.0.0.1", port))
+    return s
+
+
+def status_line(sock: Any) -> bytes:
+    try:
+        return sock.recv(4096).split(b"\r\n", 1)[0]
+    except TimeoutError:
+        return b"(no answer)"
+    except OSError as e:
+        return f"({e.__class__.__name__})".encode()
+
+
+def test_a_catastrophic_pattern_is_matched_in_linear_time_and_the_loop_stays_free(guarded: Server,
+                                                                                    mnist_train) -> None:  # fmt: skip
+    from digitkit import synth
+
+    # The pattern that froze the server: Python's re needs minutes on 20 digits; here it is one pass over them.
+    ds = mnist_train
+    row, labels, _ = synth.strip([ds.images[i, 0].numpy() for i in range(20)], [int(v) for v in ds.labels[:20]],
+                                 seed=3, gap=(0.4, 0.6))  # fmt: skip
+    body = {"image": base64.b64encode(png_bytes(row)).decode(), "pattern": r"((\d+)+)+x"}
+    lag_before = lag_over(guarded, 0.05)
+    with Prober(guarded) as prober, httpx.Client(base_url=guarded.url, timeout=30) as c:
+        answers, slowest = [], 0.0
+        while len(answers) < 5 or (len(answers) < 40 and len(prober.times_ms) < 50):  # about 1 s of attack
+            t0 = time.perf_counter()
+            answers.append(c.post("/v1/read", json=body))
+            slowest = max(slowest, time.perf_counter() - t0)
+    for r in answers:
+        assert r.status_code == 200, r.text
+        assert r.json()["pattern_ok"] is False and len(r.json()["text"]) >= 15, r.json()["text"]
+    assert slowest < 2, f"a read with the pattern took {slowest:.1f} s"
+    prober.check()
+    assert lag_over(guarded, 0.05) - lag_before == 0, "the event loop was held over 50 ms during the reads"
+
+
+def test_the_cli_read_pattern_has_the_same_engine(mnist_small_run: Path, mnist_train, tmp_path: Path) -> None:
+    from digitkit import synth
+
+    ds = mnist_train
+    row, _, _ = synth.strip([ds.images[i, 0].numpy() for i in range(20)], [int(v) for v in ds.labels[:20]], seed=3,
+                            gap=(0.4, 0.6))  # fmt: skip
+    path = tmp_path / "row.png"
+    path.write_bytes(png_bytes(row))
+    cmd = [sys.executable, "-m", "digitkit", "read", "--model", str(mnist_small_run), str(path), "--pattern",
+           r"((\d+)+)+x", "--json"]  # fmt: skip
+    t0 = time.perf_counter()
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1, run.stderr  # read, and the text does not match
+    assert json.loads(run.stdout)["pattern_ok"] is False
+    assert time.perf_counter() - t0 < 30
+    run = subprocess.run(cmd[:-3] + ["--pattern", r"(\d)\1"], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "back-references" in run.stderr and run.stderr.count("\n") == 1, run.stderr
+
+
+def test_a_connection_flood_is_bounded_and_slow_headers_are_cut(guarded: Server) -> None:
+    n = 300  # 50 held by the per-client limit, the rest refused at once
+    refused_before = metric(guarded, "digitkit_connections_refused_total")
+    fds_before = len(os.listdir(f"/proc/{guarded.process.pid}/fd"))
+    with Prober(guarded) as prober:
+        socks = []
+        try:
+            for _ in range(n):
+                s = attacker_socket(guarded)
+                s.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n")  # never finished
+                socks.append(s)
+            time.sleep(0.3)  # a burst is accepted before its refused connections are closed: count once it settled
+            fds = len(os.listdir(f"/proc/{guarded.process.pid}/fd")) - fds_before
+            t0 = time.perf_counter()
+            lines = [status_line(s) for s in socks]
+            waited = time.perf_counter() - t0
+        finally:
+            for s in socks:
+                s.close()
+    got = {line: lines.count(line) for line in set(lines)}
+    assert got.get(b"HTTP/1.1 503 Service Unavailable", 0) == n - 50, got
+    assert got.get(b"HTTP/1.1 408 Request Timeout", 0) == 50, got  # cut at header_timeout_s
+    assert waited < ATTACK_LIMITS["header_timeout_s"] + 3, f"the slow headers were cut only after {waited:.1f} s"
+    assert fds <= 50 + 5, f"the server held {fds} more file descriptors during the flood than before it"
+    prober.check()
+    assert metric(guarded, "digitkit_connections_refused_total") - refused_before == n
+    log = guarded.log()
+    assert "out of system resource" not in log and "Traceback" not in log, log[-3000:]
+
+
+def test_a_slow_body_is_cut_and_answered_408(guarded: Server) -> None:
+    before = metric(guarded, "digitkit_requests_total", route="/v1/predict", status="408")
+    s = attacker_socket(guarded)
+    try:
+        s.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 1000\r\n\r\n")
+        t0 = time.perf_counter()
+        line = b""
+        s.settimeout(0.3)
+        for _ in range(40):  # one byte every 0.3 s: 1,000 bytes would take 5 minutes
+            try:
+                s.sendall(b"x")
+                line = s.recv(4096).split(b"\r\n", 1)[0]
+                break
+            except (TimeoutError, OSError):
+                continue
+        seconds = time.perf_counter() - t0
+    finally:
+        s.close()
+    assert line == b"HTTP/1.1 408 Request Timeout", line
+    assert seconds < ATTACK_LIMITS["body_timeout_s"] + 1.5, f"cut after {seconds:.1f} s"
+    assert metric(guarded, "digitkit_requests_total", route="/v1/predict", status="408") == before + 1
+
+
+def gif_of_frames(frames: int) -> bytes:
+    """A valid GIF of `frames` 1x1 frames (22 bytes each), built without PIL: 360,000 frames are 7.9 MB."""
+    header = b"GIF89a" + struct.pack("<HHBBB", 1, 1, 0x80, 0, 0) + b"\x00\x00\x00\xff\xff\xff"
+    loop = b"\x21\xff\x0bNETSCAPE2.0\x03\x01\x00\x00\x00"
+    frame = (b"\x21\xf9\x04\x00\x00\x00\x00\x00"  # graphic control: no delay
+             + b"\x2c" + struct.pack("<HHHHB", 0, 0, 1, 1, 0)  # image descriptor
+             + b"\x02\x02\x44\x01\x00")  # LZW: min code size 2, one sub-block (clear, 0, end), terminator
+    return header + loop + frame * frames + b"\x3b"
+
+
+def test_a_gif_of_360000_frames_costs_one_frame(guarded: Server, mnist_train) -> None:
+    from digitkit.preprocess import load_image
+
+    bomb = gif_of_frames(360_000)
+    assert len(bomb) < 8 * 2**20
+    t0 = time.perf_counter()
+    assert load_image(bomb).shape == (1, 1)
+    assert time.perf_counter() - t0 < 0.1  # was 0.75 s: every frame was walked to count them
+    normal = png_bytes(digits(mnist_train, 1)[0])
+    stop = threading.Event()
+    bomb_times: list[float] = []
+
+    def attack() -> None:
+        with httpx.Client(base_url=guarded.url, timeout=30) as c:
+            for _ in range(6):
+                if stop.is_set():
+                    return
+                t = time.perf_counter()
+                r = c.post("/v1/predict", content=bomb, headers={"Content-Type": "image/gif"})
+                bomb_times.append(time.perf_counter() - t)
+                assert r.status_code in (200, 422), r.text
+
+    attackers = [threading.Thread(target=attack) for _ in range(3)]
+    user_ms = []
+    with Prober(guarded) as prober, httpx.Client(base_url=guarded.url, timeout=30) as c:
+        for t in attackers:
+            t.start()
+        while any(t.is_alive() for t in attackers) and len(user_ms) < 400:
+            t0 = time.perf_counter()
+            assert c.post("/v1/predict", content=normal, headers={"Content-Type": "image/png"}).status_code == 200
+            user_ms.append((time.perf_counter() - t0) * 1000)
+        stop.set()
+        for t in attackers:
+            t.join(timeout=60)
+    prober.check()
+    user_ms.sort()
+    assert len(bomb_times) >= 6 and max(bomb_times) < 2.0, bomb_times
+    assert user_ms[len(user_ms) // 2] < 100, f"a normal user's p50 was {user_ms[len(user_ms) // 2]:.1f} ms"
+
+
+def test_every_error_is_counted_once_with_its_real_status(guarded: Server, mnist_train) -> None:
+    route = "/v1/predict"
+    png = png_bytes(digits(mnist_train, 1)[0])
+
+    def count(status: str) -> float:
+        return metric(guarded, "digitkit_requests_total", route=route, status=status)
+
+    before = {k: count(k) for k in ("413", "500", "503")}
+    gone_before = metric(guarded, "digitkit_client_disconnects_total", route=route)
+    limit = 8 * 2**20
+    # 413 decided from Content-Length, before any body is read
+    s = attacker_socket(guarded)
+    s.sendall(f"POST {route} HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: {limit + 1}\r\n\r\n"
+              .encode())  # fmt: skip
+    assert status_line(s) == b"HTTP/1.1 413 Request Entity Too Large"
+    s.close()
+    with httpx.Client(base_url=guarded.url, timeout=30) as c:
+        # 413 on a chunked body, while it streams in
+        r = c.post(route, content=iter([b"x" * 2**20] * 9), headers={"Content-Type": "image/png"})
+        assert r.status_code == 413 and r.json()["error"] == "request too large", r.text
+    # A client that leaves in the middle of its body
+    s = attacker_socket(guarded)
+    s.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 5000\r\n\r\n"
+              + png[:100])  # fmt: skip
+    time.sleep(0.2)
+    s.close()
+    # In-flight limits: slow bodies from one address take its 6 slots (the 7th is refused), others still get in;
+    # a second address takes the last 2 of the worker's 8, and then everyone gets 503 with Retry-After.
+    head = b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 99\r\n\r\n"
+    held = []
+    try:
+        for address, n in ((ATTACKER, ATTACK_LIMITS["max_inflight_per_client"]), ("127.0.0.3", 0)):
+            for _ in range(n):
+                held.append(attacker_socket(guarded, address))
+                held[-1].sendall(head)
+        time.sleep(0.3)
+        extra = attacker_socket(guarded)
+        extra.sendall(head)
+        assert status_line(extra) == b"HTTP/1.1 503 Service Unavailable"
+        extra.close()
+        assert httpx.post(guarded.url + route, content=png, headers={"Content-Type": "image/png"}).status_code == 200
+        for _ in range(2):
+            held.append(attacker_socket(guarded, "127.0.0.3"))
+            held[-1].sendall(head)
+        time.sleep(0.3)
+        r = httpx.post(guarded.url + route, content=png, headers={"Content-Type": "image/png"}, timeout=10)
+        assert r.status_code == 503 and r.headers.get("retry-after") == "1", r.text
+        assert httpx.get(guarded.url + "/healthz", timeout=5).status_code == 200  # never refused by this limit
+    finally:
+        for h in held:
+            h.close()
+    time.sleep(0.3)
+    assert count("413") == before["413"] + 2
+    assert count("503") == before["503"] + 2
+    assert count("500") == before["500"] == 0
+    assert metric(guarded, "digitkit_client_disconnects_total", route=route) >= gone_before + 1
+    log = guarded.log()
+    assert "internal error" not in log and "Traceback" not in log, log[-3000:]
+
+
+def test_a_low_descriptor_limit_lowers_the_connection_limit_and_the_server_keeps_serving(mnist_small_run: Path,
+                                                                                           tmp_path: Path) -> None:
+    # ulimit -n 400: 64 kept for files and the database, 256 for the accept backlog, so 80 connections at most
+    settings = tmp_path / "serve.yaml"
+    settings.write_text(json.dumps({"limits": {"max_connections_per_client": 1000, "header_timeout_s": 2}}))
+    with serve(mnist_small_run, tmp_path, "--settings", str(settings), max_fds=400) as server:
+        assert "limits.max_connections lowered from 1000 to 80" in server.log()
+        socks = []
+        try:
+            for _ in range(150):
+                socks.append(attacker_socket(server))
+                socks[-1].sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # never finished
+            time.sleep(0.5)
+            assert len(os.listdir(f"/proc/{server.process.pid}/fd")) < 400 - 100
+            lines = [status_line(s) for s in socks]
+        finally:
+            for s in socks:
+                s.close()
+        assert lines.count(b"HTTP/1.1 503 Service Unavailable") == 70, {x: lines.count(x) for x in set(lines)}
+        assert lines.count(b"HTTP/1.1 408 Request Timeout") == 80
+        assert httpx.get(server.url + "/healthz", timeout=5).status_code == 200
+        log = server.log()
+        assert "out of system resource" not in log and "Traceback" not in log, log[-2000:]
+
+
+def test_repeated_accept_errors_are_logged_once_per_period() -> None:
+    import logging
+
+    from digitkit.serve.protocol import RateLimitedLog
+
+    logger = logging.getLogger("digitkit-test-accept")
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    logger.addHandler(Keep())
+    logger.addFilter(RateLimitedLog(("socket.accept() out of system resource",), every_s=60))
+    logger.propagate = False
+    try:
+        raise OSError(24, "Too many open files")
+    except OSError:
+        for _ in range(10_000):
+            logger.error("socket.accept() out of system resource\nsocket: <socket>", exc_info=True)
+    logger.error("something else")
+    assert len(records) == 2 and records[0].exc_info is None and "logged at most once per 60 s" in records[0].msg
+    assert records[1].getMessage() == "something else"

@@ -248,3 +248,28 @@ def test_phone_width_fits(browser: Browser) -> None:
         assert browser.box()["width"] <= 375
     finally:
         page.set_viewport_size({"width": 900, "height": 820})
+
+
+@pytest.mark.parametrize("path, ready", [("/docs", ".swagger-ui .opblock"),
+                                         ("/redoc", "[role=menuitem], .menu-content")])  # fmt: skip
+def test_api_docs_load_offline_from_the_server(browser: Browser, path: str, ready: str) -> None:
+    """Swagger UI and ReDoc are served by digitkit itself: nothing comes from a CDN, so they render offline. ReDoc's
+    bundle asks for its logo from its CDN; the page's Content-Security-Policy stops that request in the browser."""
+    page = browser.page.context.new_page()
+    requests: list[str] = []
+    blocked: set[str] = set()
+    errors: list[str] = []
+    page.on("request", lambda r: requests.append(r.url))
+    page.on("requestfailed", lambda r: blocked.add(r.url) if "csp" in (r.failure or "").lower() else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    try:
+        page.goto(browser.server.url + path)
+        page.wait_for_selector(ready, timeout=20_000)
+        assert "/v1/predict" in page.content()  # the operations were read from /openapi.json and drawn
+    finally:
+        page.close()
+    local = (browser.server.url + "/", "data:", f"blob:{browser.server.url}/")
+    foreign = [u for u in requests if not u.startswith(local) and u not in blocked]
+    assert not foreign, f"{path} fetched from other hosts: {foreign}"
+    assert any(u.endswith("/openapi.json") for u in requests), requests
+    assert not errors, errors

@@ -638,7 +638,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.set_defaults(func=cmd_serve)
 
     # --- audit parser (anchor: owned by the audit-log work)
-    au = sub.add_parser("audit", help="statistics and exports of the serving audit log")
+    au = sub.add_parser("audit", help="statistics, exports and pruning of the serving audit log")
     ausub = au.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
     aus = ausub.add_parser("stats", help="totals, rejections, latency percentiles, labelled accuracy")
     aus.add_argument("--db", required=True, metavar="URL", help="audit database (file path or URL)")
@@ -653,6 +653,16 @@ def build_parser() -> argparse.ArgumentParser:
     aue.add_argument("--out", metavar="FILE_OR_DIR", help="output file (csv, jsonl; default or '-': stdout) or "
                      "folder (idx, required)")  # fmt: skip
     aue.set_defaults(func=cmd_audit_export)
+    aup = ausub.add_parser("prune", help="delete old predictions, by age and/or beyond a row count (labelled rows "
+                           "kept longest)", epilog=AUDIT_PRUNE_EPILOG)  # fmt: skip
+    aup.add_argument("--db", required=True, metavar="URL", help="audit database (file path or URL)")
+    aup.add_argument("--max-age", metavar="AGE", help="delete predictions older than AGE, labelled or not: an age "
+                     "such as 90m, 24h, 30d")  # fmt: skip
+    aup.add_argument("--max-rows", type=_positive, metavar="N", help="then keep at most N predictions: unlabelled "
+                     "ones are deleted first, oldest first; labelled ones only when they alone exceed N")  # fmt: skip
+    aup.add_argument("--dry-run", action="store_true", help="count what would be deleted; delete nothing")
+    aup.add_argument("--json", action="store_true", help="print one JSON object")
+    aup.set_defaults(func=cmd_audit_prune)
     # --- export parser (anchor: owned by the export work)
     xo = sub.add_parser("export", help="export a run to ONNX (fp32 or int8), checked against PyTorch on the test set")
     xo.add_argument("run", metavar="RUN", help="run folder or checkpoint file")
@@ -1068,8 +1078,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"digitkit: serving {settings.model} at http://{settings.host}:{settings.port}/ "
           f"(API key {'on' if settings.api_key else 'off'}, admin routes {'on' if settings.admin_token else 'off'})",
           file=sys.stderr, flush=True)  # fmt: skip
+    # The guarded h11 protocol bounds connections and header time (digitkit.serve.protocol); the app bounds the rest.
     common = {"host": settings.host, "port": settings.port, "log_level": settings.log_level,
-              "timeout_graceful_shutdown": 10}  # fmt: skip
+              "timeout_graceful_shutdown": 10, "http": "digitkit.serve.protocol:GuardedH11Protocol",
+              "timeout_keep_alive": settings.limits.keep_alive_s, "backlog": settings.limits.backlog}  # fmt: skip
     if settings.workers == 1:
         from digitkit.serve.app import create_app
 
@@ -1085,18 +1097,46 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 # --- audit commands (anchor: owned by the audit-log work)
+AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+AUDIT_PRUNE_EPILOG = (
+    "Rows older than --max-age go whether labelled or not. Then, beyond --max-rows, unlabelled rows go first (oldest\n"
+    "first): labelled rows, the ones `audit export --format idx` turns into training data, are deleted only when\n"
+    "they alone exceed N. Deletes run in batches of 2,000 rows, one transaction each, so a server writing to the\n"
+    "same database waits milliseconds at most. A SQLite file does not shrink; new rows reuse the freed space.\n"
+    "The server can prune by itself: `audit: {max_age_days: 30, max_rows: 1000000}` in its --settings file.\n\n"
+    "examples:\n"
+    "  digitkit audit prune --db serve/audit.db --max-age 30d --dry-run\n"
+    "  digitkit audit prune --db serve/audit.db --max-age 90d --max-rows 1000000\n"
+    "  digitkit audit prune --db postgresql://digitkit@localhost/audit --max-rows 500000 --json"
+)
+
+
+def _age_seconds(text: str) -> float | None:
+    """Seconds in an age such as 90s, 30m, 24h, 7d (None if the text is not one)."""
+    age = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", text.strip())
+    return float(age[1]) * AGE_UNITS[age[2]] if age else None
+
+
+def parse_age(text: str, flag: str = "--max-age") -> float:
+    """Seconds from an age such as 90m, 24h or 30d (more than zero)."""
+    seconds = _age_seconds(text)
+    if seconds is None or seconds <= 0:
+        raise ConfigError(f"{flag} {text!r}: expected an age above zero: a number and a unit, s, m, h or d "
+                          "(90m, 24h, 30d)")  # fmt: skip
+    return seconds
+
+
 def parse_since(text: str | None, now: float | None = None) -> float | None:
     """Unix seconds from an ISO time (naive = local time), unix seconds, or an age such as 90s, 30m, 24h, 7d."""
     import datetime as dt
-    import re
     import time
 
     if text is None:
         return None
     text = text.strip()
-    age = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", text)
-    if age:
-        return (time.time() if now is None else now) - float(age[1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[age[2]]
+    age = _age_seconds(text)
+    if age is not None:
+        return (time.time() if now is None else now) - age
     try:
         return float(text)
     except ValueError:
@@ -1155,6 +1195,49 @@ def print_audit_stats(s: dict[str, Any]) -> None:
     print(f"labelled       {s['labelled']:,}" + (f"; accuracy {pct(acc)} ({s['labelled_correct']:,} of "
                                                  f"{s['labelled_answered']:,} answered)" if acc is not None else ""))
     print(f"model versions {counts(s['model_versions'])}")
+
+
+def cmd_audit_prune(args: argparse.Namespace) -> int:
+    from digitkit.serve.audit import AuditLog
+
+    if args.max_age is None and args.max_rows is None:
+        raise ConfigError("nothing to prune: give --max-age (e.g. 30d) and/or --max-rows (e.g. 1000000); "
+                          "add --dry-run to see what would go")  # fmt: skip
+    max_age_s = parse_age(args.max_age) if args.max_age is not None else None
+    log = AuditLog(args.db)
+    try:
+        result = log.prune(max_age_s=max_age_s, max_rows=args.max_rows, dry_run=args.dry_run)
+    finally:
+        log.close()
+    for warning in result.warnings:
+        print(f"digitkit: warning: {warning}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(result.to_json()))
+        return 0
+    print_audit_prune(result, args.max_age)
+    return 0
+
+
+def print_audit_prune(r: Any, max_age: str | None) -> None:
+    import datetime as dt
+
+    def when(t: float) -> str:
+        return dt.datetime.fromtimestamp(t).isoformat(sep=" ", timespec="seconds")
+
+    limits = []
+    if r.cutoff is not None:
+        limits.append(f"older than {max_age} (before {when(r.cutoff)})")
+    if r.max_rows is not None:
+        limits.append(f"beyond {r.max_rows:,} rows (unlabelled first)")
+    verb = "would delete" if r.dry_run else "deleted"
+    print(f"audit log      {r.database}")
+    print(f"limits         {', '.join(limits)}")
+    print(f"{verb:<14} {r.deleted:,} predictions ({r.deleted_by_age:,} over the age limit, {r.deleted_by_rows:,} over "
+          f"the row limit; {r.deleted_labelled:,} of them labelled)")  # fmt: skip
+    kept = f"{r.kept:,} predictions ({r.kept_labelled:,} labelled)"
+    print(f"{'would keep' if r.dry_run else 'kept':<14} {kept}" + (f", from {when(r.oldest_kept)}" if r.kept else ""))
+    if r.dry_run:
+        print("dry run: nothing was deleted")
 
 
 def cmd_audit_export(args: argparse.Namespace) -> int:

@@ -7,8 +7,9 @@ contract, the inference config and the checkpoint's SHA-256 (see digitkit.engine
 
 Nothing is written unless it passes: the candidate is built in a temporary folder beside the target, run on the
 whole test split through ONNX Runtime and compared with the PyTorch model (fp32: identical predictions on at least
-99.99% of images; int8: accuracy within `max_int8_accuracy_drop` of the fp32 model), and only then renamed into
-place. int8 calibration reads training images only (the run's own training portion, never validation or test).
+99.99% of images; int8: accuracy within `max_int8_accuracy_drop` of the fp32 model, and a graph that other runtimes
+read as ONNX Runtime does, see `check_int8`), and only then renamed into place. int8 calibration reads training
+images only (the run's own training portion, never validation or test).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from digitkit.config import Config
 from digitkit.engine import DEFAULT_FILE, EXPORT_DIR, FORMAT, INPUT_NAME, OUTPUT_NAME, OnnxModel
 from digitkit.errors import ConfigError, DataError
 
+INT8_METHOD = "MinMax ranges, S8S8 QDQ, per-channel weights, explicit Relu, float Gemm bias"
+"""How `quantize` builds the int8 graph, as the report's calibration.method states it."""
 DEFAULT_OPSET = 18
 """The opset the torch.export-based exporter emits natively; older ones go through ONNX's version converter."""
 INPUT_CONTRACT = ("float32 (N, 1, {size}, {size}) in [0, 1]: white digit on black, centred by mass in a {box}x{box} "
@@ -203,7 +206,19 @@ def calibration_set(cfg: Config, n: int, seed: int = 0, data_dir: str | Path | N
 def quantize(fp32_path: Path, out_path: Path, calibration: torch.Tensor) -> None:
     """Static int8 quantization: S8S8 in QDQ format (ONNX Runtime's recommended default on x86-64), per-channel
     weights, MinMax ranges from the calibration images; the softmax stays float, so probabilities keep their
-    resolution instead of 256 levels."""
+    resolution instead of 256 levels.
+
+    The graph is written so that runtimes other than ONNX Runtime read it as ONNX Runtime does (see
+    `int8_graph_facts`, which the exporter checks):
+    - Every Relu stays an explicit node (`QDQKeepRemovableActivations`). By default the quantizer deletes a Relu
+      after a Conv and lets the next QuantizeLinear (zero point -128) clip at zero, so the graph without its Q/DQ
+      pairs is no longer the model. ONNX Runtime drops the Relu again when it builds its session: no cost.
+    - A Gemm's bias is a float initializer, not an int32 DequantizeLinear. OpenCV's DNN module misreads a Gemm
+      whose bias comes from a DequantizeLinear (4.14: the Gemm reads uninitialized memory and gives NaN, 64.6-93.6%
+      of predictions agreeing with ONNX Runtime over five runs of one file; 5.1: refuses the file, `bufidx >= 0 in
+      function 'argTensor'`); Conv biases it reads right. ONNX Runtime still fuses the Gemm into QGemm, so its
+      probabilities and speed are unchanged.
+    """
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -218,14 +233,62 @@ def quantize(fp32_path: Path, out_path: Path, calibration: torch.Tensor) -> None
             return next(self.items, None)
 
     prepared = out_path.with_name(out_path.stem + ".pre.onnx")
-    with _quiet():
-        # ORT's recommended first step: shape inference and graph optimization, so the quantizer sees fused ops.
-        quant_pre_process(str(fp32_path), str(prepared))
-        softmax = [n.name for n in onnx.load(str(prepared)).graph.node if n.op_type == "Softmax"]
-        quantize_static(str(prepared), str(out_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                        nodes_to_exclude=softmax)  # fmt: skip
-    prepared.unlink(missing_ok=True)
+    try:
+        with _quiet():
+            # ORT's recommended first step: shape inference and graph optimization, so the quantizer sees fused ops.
+            quant_pre_process(str(fp32_path), str(prepared))
+            softmax = [n.name for n in onnx.load(str(prepared)).graph.node if n.op_type == "Softmax"]
+            quantize_static(str(prepared), str(out_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, nodes_to_exclude=softmax,
+                            extra_options={"QDQKeepRemovableActivations": True})  # fmt: skip
+    finally:
+        prepared.unlink(missing_ok=True)
+    proto = onnx.load(str(out_path))
+    _float_gemm_bias(proto)
+    _prune_opset_imports(proto)
+    onnx.checker.check_model(proto)
+    out_path.write_bytes(proto.SerializeToString())
+
+
+def _float_gemm_bias(proto: Any) -> None:
+    """Replace each Gemm bias computed by a DequantizeLinear of an int32 initializer with that float initializer
+    ((q - zero_point) * scale, exactly what the DequantizeLinear computes)."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    graph = proto.graph
+    init = {t.name: t for t in graph.initializer}
+    producer = {out: node for node in graph.node for out in node.output}
+    users: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            users[name] = users.get(name, 0) + 1
+    orphans: set[str] = set()
+    for gemm in [n for n in graph.node if n.op_type == "Gemm" and len(n.input) > 2]:
+        dq = producer.get(gemm.input[2])
+        if dq is None or dq.op_type != "DequantizeLinear" or not all(i in init for i in dq.input[:3]):
+            continue
+        q, scale, zero = (numpy_helper.to_array(init[i]) for i in dq.input[:3])
+        bias = ((q.astype(np.float64) - zero.astype(np.float64)) * scale.astype(np.float64)).astype(np.float32)
+        name = f"{gemm.input[2]}_float"
+        graph.initializer.append(numpy_helper.from_array(bias, name))
+        gemm.input[2] = name
+        users[dq.output[0]] -= 1
+        if not users[dq.output[0]]:
+            graph.node.remove(dq)
+            orphans.update(dq.input)
+    used = {name for node in graph.node for name in node.input} | {out.name for out in graph.output}
+    for t in [t for t in graph.initializer if t.name in orphans and t.name not in used]:
+        graph.initializer.remove(t)
+
+
+def _prune_opset_imports(proto: Any) -> None:
+    """Keep only the operator domains the graph uses: the quantizer's pre-processing declares ONNX Runtime's
+    private ones (com.microsoft, ...) although no node needs them."""
+    used = {node.domain for node in proto.graph.node} | {""}
+    keep = [op for op in proto.opset_import if op.domain in used or op.domain == "ai.onnx"]
+    del proto.opset_import[:]
+    proto.opset_import.extend(keep)
 
 
 # ------------------------------------------------------------------------------------- checks
@@ -246,16 +309,116 @@ def parity(reference: torch.Tensor, probs: torch.Tensor, labels: torch.Tensor) -
     }
 
 
+QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+ACTIVATION_OPS = ("Relu", "Clip", "LeakyRelu", "PRelu", "Elu", "Selu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh",
+                  "Gelu", "Softplus", "Mish")  # fmt: skip
+MIN_LITERAL_AGREEMENT = 0.999
+"""int8: share of test images on which the file read literally (every op as written) must give ONNX Runtime's
+prediction."""
+
+
+def int8_graph_facts(fp32: Any, int8: Any) -> dict[str, Any]:
+    """Whether a runtime other than ONNX Runtime reads the int8 graph as ONNX Runtime does, judged from the graphs
+    alone (ModelProtos: `int8` and the fp32 graph it was quantized from). `problems` lists what fails, one phrase
+    each; empty means none of these holds:
+    - Without its QuantizeLinear/DequantizeLinear nodes the int8 graph lacks an fp32 node, such as a Relu left to
+      the next QuantizeLinear's saturation at its zero point (what ONNX Runtime's quantizer does by default).
+    - A Gemm takes its bias from a DequantizeLinear: OpenCV's DNN module misreads (4.x) or refuses (5.x) it.
+    - A node is outside the standard ONNX domain (an ONNX Runtime contrib op that other runtimes lack).
+    """
+    from collections import Counter
+
+    ops32 = Counter(n.op_type for n in fp32.graph.node)
+    ops8 = Counter(n.op_type for n in int8.graph.node if n.op_type not in QDQ_OPS)
+    producer = {out: n for n in int8.graph.node for out in n.output}
+    dq_bias = [n.name or n.output[0] for n in int8.graph.node
+               if n.op_type == "Gemm" and len(n.input) > 2 and n.input[2] in producer
+               and producer[n.input[2]].op_type == "DequantizeLinear"]  # fmt: skip
+    foreign = sorted({f"{n.domain}:{n.op_type}" for n in int8.graph.node if n.domain not in ("", "ai.onnx")})
+    missing, added = ops32 - ops8, ops8 - ops32
+    problems = []
+    if missing or added:
+        what = [f"{k} x{v} missing" for k, v in missing.items()] + [f"{k} x{v} added" for k, v in added.items()]
+        problems.append(f"without its Q/DQ nodes it is not the fp32 graph ({', '.join(what)})")
+    if dq_bias:
+        problems.append(f"Gemm {', '.join(dq_bias)} takes its bias from a DequantizeLinear (want a float initializer)")
+    if foreign:
+        problems.append(f"non-standard ops {', '.join(foreign)}")
+    return {
+        "activations_fp32": sum(ops32[k] for k in ACTIVATION_OPS),
+        "activations_explicit": sum(ops8[k] for k in ACTIVATION_OPS),
+        "same_ops_as_fp32": not missing and not added,
+        "gemm_bias_from_dequantize": dq_bias,
+        "nonstandard_ops": foreign,
+        "problems": problems,
+    }
+
+
+def literal_probs(path: Path, images: torch.Tensor, threads: int) -> torch.Tensor:
+    """Probabilities from ONNX Runtime with its graph optimizations off: no int8 kernel fusion, every
+    QuantizeLinear, DequantizeLinear and float op runs as written. This is how a runtime without fused int8
+    kernels reads the file; OpenCV 4.14's DNN module, for one, runs Quantize/Dequantize layers around float ones."""
+    import numpy as np
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    arr = images.detach().cpu().float().numpy()
+    out = [session.run(None, {INPUT_NAME: np.ascontiguousarray(arr[i : i + 1000])})[0]
+           for i in range(0, len(arr), 1000)]  # fmt: skip
+    return torch.from_numpy(np.concatenate(out))
+
+
+def check_int8(fp32: Path, int8: Path, out: Path, images: torch.Tensor, threads: int
+               ) -> tuple[dict[str, Any], torch.Tensor]:  # fmt: skip
+    """The int8 candidate `int8` checked for portability (see `int8_graph_facts`, plus its literal reading against
+    ONNX Runtime's int8 kernels on `images`); raises DataError naming every problem, so nothing reaches `out`.
+    Returns the facts (for the report) and ONNX Runtime's probabilities on `images`."""
+    import onnx
+    import onnxruntime
+
+    facts = int8_graph_facts(onnx.load(str(fp32)), onnx.load(str(int8)))
+    probs = OnnxModel(int8, threads).probs(images)
+    literal = literal_probs(int8, images, threads)
+    same = probs.argmax(1) == literal.argmax(1)
+    facts["literal_reading"] = {
+        "images": len(images), "agreement": float(same.float().mean()), "disagreements": int((~same).sum()),
+        "max_abs_prob_diff": float((probs - literal).abs().max()), "required": MIN_LITERAL_AGREEMENT,
+        "how": "ONNX Runtime with graph optimizations off (every op as written) against its int8 kernels",
+    }  # fmt: skip
+    if facts["literal_reading"]["agreement"] < MIN_LITERAL_AGREEMENT:
+        facts["problems"].append(
+            f"read literally (every Q/DQ op as written) it gives ONNX Runtime's prediction on only "
+            f"{100 * facts['literal_reading']['agreement']:.2f}% of {len(images):,} test images "
+            f"(need {100 * MIN_LITERAL_AGREEMENT:g}%)"
+        )
+    facts["portable"] = not facts["problems"]
+    if facts["problems"]:
+        raise DataError(f"int8 graph check failed, nothing written to {out}: {'; '.join(facts['problems'])}. "
+                        "Another runtime (OpenCV's DNN module, for one) would read this file differently from ONNX "
+                        "Runtime; ship the fp32 file, or report the versions (onnxruntime "
+                        f"{onnxruntime.__version__}) with the model name")  # fmt: skip
+    return facts, probs
+
+
 def write_checked(candidate: Path, out: Path, reference: torch.Tensor, images: torch.Tensor, labels: torch.Tensor,
-                  options: ExportOptions, int8: bool = False) -> dict[str, Any]:  # fmt: skip
-    """Run `candidate` through ONNX Runtime on `images`, compare with `reference` probabilities, and move it to `out`
-    only if it passes; otherwise delete it and raise DataError. Returns the parity figures.
+                  options: ExportOptions, int8: bool = False, probs: torch.Tensor | None = None
+                  ) -> dict[str, Any]:  # fmt: skip
+    """Run `candidate` through ONNX Runtime on `images` (or take its probabilities `probs`, already computed),
+    compare with `reference` probabilities, and move it to `out` only if it passes; otherwise delete it and raise
+    DataError. Returns the parity figures.
 
     fp32 passes with identical predictions on `options.min_agreement` of the images; int8 (whose reference is the
     fp32 model) with an accuracy drop of at most `options.max_int8_accuracy_drop`.
     """
     try:
-        result = parity(reference, OnnxModel(candidate, options.threads).probs(images), labels)
+        if probs is None:
+            probs = OnnxModel(candidate, options.threads).probs(images)
+        result = parity(reference, probs, labels)
         drop = result["accuracy_reference"] - result["accuracy"]
         if not result["finite"]:
             problem = "its probabilities are not finite (NaN or inf)"
@@ -384,7 +547,7 @@ def export_run(run: str | Path, out: str | Path | None = None, options: ExportOp
             calib, idx = calibration_set(opened.cfg, options.calibration_images, options.calibration_seed, data_dir)
             report.calibration = {"images": len(idx), "source": "training portion (validation and test excluded)",
                                   "seed": options.calibration_seed,
-                                  "method": "MinMax ranges, S8S8 QDQ, per-channel weights"}  # fmt: skip
+                                  "method": INT8_METHOD}  # fmt: skip
             int8_raw = Path(tmp) / "int8.onnx"
             quantize(fp32_final, int8_raw, calib)
             proto = onnx.load(str(int8_raw))
@@ -393,7 +556,9 @@ def export_run(run: str | Path, out: str | Path | None = None, options: ExportOp
             int8_path = Path(tmp) / "int8.meta.onnx"
             int8_path.write_bytes(proto.SerializeToString())
             fp32_probs = OnnxModel(fp32_final, options.threads).probs(images)
-            checked = write_checked(int8_path, out, fp32_probs, images, ds.labels, options, int8=True)
+            graph, int8_probs = check_int8(fp32_final, int8_path, out, images, options.threads)
+            checked = write_checked(int8_path, out, fp32_probs, images, ds.labels, options, int8=True,
+                                    probs=int8_probs)  # fmt: skip
             fp32_size = fp32_final.stat().st_size
             report.int8 = {
                 "size_bytes_fp32": fp32_size, "size_ratio": round(out.stat().st_size / fp32_size, 3),
@@ -401,6 +566,7 @@ def export_run(run: str | Path, out: str | Path | None = None, options: ExportOp
                 "accuracy_change_points": round(100 * (checked["accuracy"] - checked["accuracy_reference"]), 3),
                 "agreement_with_fp32": checked["agreement"], "max_abs_prob_diff_vs_fp32": checked["max_abs_prob_diff"],
                 "aim": "within 0.1 points of fp32", "bound_points": 100 * options.max_int8_accuracy_drop,
+                "graph": graph,
             }  # fmt: skip
         if options.measure_speed:
             report.speed["torch_eager"] = torch_speed(model, images, options.threads)

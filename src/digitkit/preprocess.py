@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from digitkit.errors import ConfigError, DataError
+from digitkit.errors import ConfigError, DataError, plain_message
 
 
 @functools.cache
@@ -192,8 +192,9 @@ def _open(fp: Any, name: str) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(fp)
     except Exception as e:  # noqa: BLE001 - PIL raises many types for bad input; all mean "not an image"
-        raise DataError(f"{name}: not an image PIL can read: {e}; expected {FORMATS}") from None
+        raise DataError(f"{name}: not an image PIL can read: {plain_message(e)}; expected {FORMATS}") from None
     return img
+
 
 
 def _check_pixels(w: int, h: int) -> None:
@@ -211,7 +212,10 @@ def _from_pil(img: Image.Image, max_side: int | None, info: dict[str, Any],
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            if getattr(img, "n_frames", 1) > 1:
+            # The first frame of an animation or the first page of a TIFF, and nothing else: a file opens at its
+            # first frame, and `n_frames` is never asked (Pillow walks every frame of a GIF to count them: 0.75 s
+            # for 360,000 frames of 1x1 in 8 MB).
+            if not own and img.tell() != 0:
                 img.seek(0)
             if own and max_side and img.format == "JPEG" and max(img.size) > 2 * max_side:
                 # Decode at 1/2, 1/4 or 1/8 scale straight from the DCT: a 12 MP photo in a few ms.
@@ -227,7 +231,8 @@ def _from_pil(img: Image.Image, max_side: int | None, info: dict[str, Any],
     except DataError:
         raise
     except Exception as e:  # noqa: BLE001 - truncated or corrupt data surfaces here, as many exception types
-        raise DataError(f"{info['source']}: not an image PIL can read: {e}; expected {FORMATS}") from None
+        raise DataError(f"{info['source']}: not an image PIL can read: {plain_message(e)}; expected "
+                        f"{FORMATS}") from None
     return _finish(gray, alpha, max_side, info)
 
 

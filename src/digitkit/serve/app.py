@@ -12,6 +12,12 @@ Routes (all JSON unless said):
   GET  /v1/model, /healthz, /readyz, /metrics (Prometheus text)
   POST /v1/admin/reload, GET /v1/admin/audit/export, GET /v1/admin/audit/stats   (admin token)
   GET  /                   the drawing page (assets under /static, no CDN)
+  GET  /docs, /redoc        the API reference (Swagger UI, ReDoc), served from this server: no CDN
+
+The event loop only moves bytes: every decode, parse, preprocess, model call, audit write and response rendering
+runs in the worker's thread pool (`work`), under a deadline. What a request may cost is bounded before any work
+starts (body size and deadline, pixels, frames, batch size, pattern size), and what the server holds at once is
+bounded too (connections and header deadline in digitkit.serve.protocol, requests in flight in `Guard`).
 """
 
 from __future__ import annotations
@@ -19,12 +25,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import gc
 import hmac
 import json
 import logging
 import os
 import tempfile
+import threading
+import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from http import HTTPStatus
 from importlib import resources
@@ -33,21 +43,27 @@ from typing import Any, TypeVar
 import numpy as np
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ValidationError
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from digitkit import __version__
-from digitkit.serve import schemas
+from digitkit.errors import DataError, plain_message
+from digitkit.serve import protocol, schemas
 from digitkit.serve.metrics import CONTENT_TYPE
 from digitkit.serve.service import Input, Service, ServiceError
-from digitkit.serve.settings import SETTINGS_ENV, ServeSettings
+from digitkit.serve.settings import SETTINGS_ENV, LimitSettings, ServeSettings
 
 log = logging.getLogger("digitkit.serve")
 T = TypeVar("T")
 STATIC = resources.files("digitkit.serve") / "static"
+DOCS_ASSETS = resources.files("fastapi_offline") / "static"
+"""Swagger UI and ReDoc's scripts and styles, shipped by the fastapi-offline package: /docs and /redoc load nothing
+from a CDN, so they work offline and behind a strict firewall."""
+DOCS_ASSETS_URL = "/static/api-docs"
 IMAGE_FORMS = {
     "application/json": {"schema": {"$ref": "#/components/schemas/{model}"}},
     "multipart/form-data": {"schema": {"type": "object", "properties": {"file": {"type": "string", "format":
@@ -59,7 +75,7 @@ ERRORS = {code: {"model": schemas.ErrorOut} for code in (400, 401, 403, 404, 408
 
 
 def _body_doc(model: type[BaseModel], multipart_files: bool = False) -> dict[str, Any]:
-    """OpenAPI for a body that may come as JSON, multipart or a raw image (parsed by hand in `_inputs`)."""
+    """OpenAPI for a body that may come as JSON, multipart or a raw image (parsed by hand in `_parse`)."""
     content = json.loads(json.dumps(IMAGE_FORMS).replace("{model}", model.__name__))
     if multipart_files:
         content["multipart/form-data"] = {"schema": {"type": "object", "properties": {"files": {
@@ -87,59 +103,129 @@ def _publish_body_models(app: FastAPI, models: tuple[type[BaseModel], ...]) -> N
 
 
 # ------------------------------------------------------------------------------------------ middleware
-class BodyLimit:
-    """Refuse request bodies over `limit` bytes with a 413, by Content-Length or while they stream in."""
+FREE_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
+"""Cheap routes that answer even when the server is at its in-flight limit (so health checks see the truth)."""
+IMAGE_ROUTES = frozenset({"/v1/predict", "/v1/predict/batch", "/v1/read", "/v1/explain"})
+"""Routes whose bodies may be up to limits.max_request_bytes; every other route's body is a small JSON document."""
+SMALL_BODY_BYTES = 64 * 1024
+MAX_ERRORS_SHOWN = 20
+"""Validation errors listed in a 422 (a million bad pixels would otherwise make a response of megabytes)."""
 
-    def __init__(self, app: Any, limit: int) -> None:
-        self.app, self.limit = app, limit
+
+class BodyRefused(StarletteHTTPException):
+    """A body over its size limit (413) or slower than its deadline (408). An HTTPException, so FastAPI's own body
+    parsing passes it through unchanged; the connection is closed after the answer (the rest is never read)."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(status, detail, headers={"Connection": "close"})
+        self.error = "request too large" if status == 413 else "request body timeout"
+
+
+class Guard:
+    """Per request: the in-flight limits, per worker and per client address (503 + Retry-After beyond them: a request
+    counts from its header, so the bodies held in memory are bounded too), the body size limit (by Content-Length before
+    reading, and while it streams in) and the body deadline (limits.body_timeout_s from the header). Also notes a
+    client that disconnected before its answer (scope["digitkit.disconnected"]) for the metrics."""
+
+    def __init__(self, app: Any, limits: LimitSettings) -> None:
+        self.app, self.limits = app, limits
+        self.inflight = 0
+        self.by_client: dict[str, int] = {}
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
-            return await _send_error(send, 413, "request too large", self._detail(declared.decode(errors="replace")))
-        seen, started = 0, False
+        path = scope["path"]
+        limit = self.limits.max_request_bytes if path in IMAGE_ROUTES else SMALL_BODY_BYTES
+        declared = _header(scope, b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            return await _send_error(send, 413, "request too large", _size_detail(declared.decode(errors="replace"),
+                                                                                   limit, path))  # fmt: skip
+        counted = path not in FREE_ROUTES
+        client = scope["client"][0] if scope.get("client") else ""
+        if counted and self.inflight >= self.limits.max_inflight:
+            return await _send_error(send, 503, "server busy",
+                                     f"this worker is answering {self.inflight} requests, its limit "
+                                     "(limits.max_inflight); retry in a second", {"retry-after": "1"})  # fmt: skip
+        if counted and self.by_client.get(client, 0) >= self.limits.max_inflight_per_client:
+            return await _send_error(send, 503, "too many requests from this client",
+                                     f"this worker is answering {self.by_client[client]} requests from your address, "
+                                     "its limit (limits.max_inflight_per_client); wait for their answers or retry "
+                                     "in a second", {"retry-after": "1"})  # fmt: skip
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.limits.body_timeout_s
+        seen, body_done, answered = 0, False, False
 
-        async def limited_receive() -> dict:
-            nonlocal seen
-            message = await receive()
+        async def guarded_receive() -> dict:
+            nonlocal seen, body_done
+            if body_done:
+                message = await receive()
+            else:
+                try:
+                    message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.0))
+                except TimeoutError:
+                    raise BodyRefused(408, f"the request body did not arrive within {self.limits.body_timeout_s:g} "
+                                      "s (limits.body_timeout_s); send it faster or smaller") from None  # fmt: skip
+            if message["type"] == "http.disconnect":
+                # uvicorn also says "disconnect" once a response is complete (a streaming response listens for it):
+                # only a client that left before its answer counts.
+                if not answered:
+                    scope["digitkit.disconnected"] = True
+                return message
             seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise _TooLarge
+            if seen > limit:
+                raise BodyRefused(413, _size_detail(f"more than {seen:,}", limit, path))
+            body_done = not message.get("more_body", False)
             return message
 
         async def tracking_send(message: dict) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
+            nonlocal answered
             await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                answered = True
 
+        if counted:
+            self.inflight += 1
+            self.by_client[client] = self.by_client.get(client, 0) + 1
         try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _TooLarge:
-            if not started:
-                await _send_error(send, 413, "request too large", self._detail(f"more than {seen}"))
+            await self.app(scope, guarded_receive, tracking_send)
+        finally:
+            if counted:
+                self.inflight -= 1
+                left = self.by_client[client] - 1
+                if left:
+                    self.by_client[client] = left
+                else:
+                    del self.by_client[client]
 
-    def _detail(self, size: str) -> str:
-        return (f"the request body is {size} bytes; this server accepts at most {self.limit:,} "
-                "(limits.max_request_bytes); send a smaller image or fewer images per batch")  # fmt: skip
+
+def _header(scope: dict, name: bytes) -> bytes | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value
+    return None
 
 
-class _TooLarge(Exception):
-    pass
+def _size_detail(size: str, limit: int, path: str) -> str:
+    if path in IMAGE_ROUTES:
+        return (f"the request body is {size} bytes; this server accepts at most {limit:,} (limits.max_request_bytes); "
+                "send a smaller image or fewer images per batch")  # fmt: skip
+    return f"the request body is {size} bytes; {path} takes a small JSON document of at most {limit:,} bytes"
 
 
 class RequestMetrics:
-    """Requests by route and status, and latency, for /metrics (pure ASGI: cheaper than BaseHTTPMiddleware)."""
+    """Every response counted once, by route and its real status, with its latency; a client that went away before
+    its answer is counted as a disconnect, not as an error (pure ASGI: cheaper than BaseHTTPMiddleware). The
+    outermost layer, so the Guard's refusals and the error handlers' answers are all seen."""
 
-    def __init__(self, app: Any, state: Any) -> None:
-        self.app, self.state = app, state
+    def __init__(self, app: Any, state: Any, paths: Callable[[], frozenset[str]]) -> None:
+        self.app, self.state, self.paths = app, state, paths
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         loop = asyncio.get_running_loop()
-        t0, status = loop.time(), [500]
+        t0, status = loop.time(), [0]
 
         async def tracking_send(message: dict) -> None:
             if message["type"] == "http.response.start":
@@ -151,16 +237,85 @@ class RequestMetrics:
         finally:
             service = getattr(self.state, "service", None)
             if service is not None:
-                route = getattr(scope.get("route"), "path", None) or "unmatched"
-                service.metrics.requests.labels(route, str(status[0])).inc()
-                service.metrics.latency.labels(route).observe(loop.time() - t0)
+                route = getattr(scope.get("route"), "path", None)
+                if route is None:
+                    route = scope["path"] if scope["path"] in self.paths() else "unmatched"
+                if scope.get("digitkit.disconnected"):  # gone before its answer: whatever we sent, nobody read it
+                    service.metrics.client_disconnects.labels(route).inc()
+                else:
+                    service.metrics.requests.labels(route, str(status[0] or 500)).inc()
+                    service.metrics.latency.labels(route).observe(loop.time() - t0)
 
 
-async def _send_error(send: Callable, status: int, error: str, detail: Any) -> None:
+async def _send_error(send: Callable, status: int, error: str, detail: Any, headers: dict[str, str] | None = None
+                      ) -> None:  # fmt: skip
     body = json.dumps({"error": error, "detail": detail}).encode()
+    extra = [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close"), *extra]})  # fmt: skip
     await send({"type": "http.response.body", "body": body})
+
+
+QUICK_BODY_BYTES = 32 * 1024
+"""A single image sent in at most this many bytes (a 28x28 PNG is under 1 kB, a drawing-page canvas a few kB, 28x28
+JSON pixels about 3 kB) is quick work: it goes to the quick lane."""
+
+
+class Worker:
+    """The threads that do every request's work, in two lanes: `quick`, one thread for small single images (on 2
+    cores, one thread answering them in turn serves more of them per second than several contending for the GIL:
+    256 against 148 PNG requests/s from 4 clients, benchmarks/serve_load.py), and `pool`, `threads` threads for
+    the rest (batches, large photos, rows, explanations), so a large job never queues a small one behind it.
+
+    Jobs not finished yet are counted: a job whose request timed out keeps its thread until it ends (threads cannot
+    be killed), so new work is refused (503) while that count is at the limit instead of queueing without bound."""
+
+    def __init__(self, threads: int, max_pending: int) -> None:
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="digitkit-work")
+        self.quick = ThreadPoolExecutor(1, thread_name_prefix="digitkit-quick")
+        self.max_pending = max_pending
+        self.pending = 0
+        self._lock = threading.Lock()
+
+    async def run(self, timeout_s: float, fn: Callable[..., T], *args: Any, quick: bool = False) -> T:
+        with self._lock:
+            if self.pending >= self.max_pending:
+                raise ServiceError(503, "server busy", f"{self.pending} jobs are still running on this worker (some "
+                                   "of them for requests that timed out); retry in a second")  # fmt: skip
+            self.pending += 1
+        try:
+            future = (self.quick if quick else self.pool).submit(fn, *args)
+        except RuntimeError:  # shutting down
+            self._done(None)
+            raise ServiceError(503, "shutting down", "the server is stopping; retry on another instance") from None
+        future.add_done_callback(self._done)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), timeout_s)
+        except TimeoutError:
+            raise ServiceError(408, "request timeout",
+                               f"the request took longer than {timeout_s:g} s (limits.request_timeout_s); send a "
+                               "smaller image or batch") from None  # fmt: skip
+
+    def _done(self, _: Any) -> None:
+        with self._lock:
+            self.pending -= 1
+
+    def close(self) -> None:
+        for pool in (self.quick, self.pool):
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+async def _watch_loop_lag(state: Any, period_s: float = 0.02) -> None:
+    """How late the event loop wakes up, every `period_s`: a lag over a few ms means something held the loop (the
+    histogram digitkit_event_loop_lag_seconds; the aim is that nothing holds it for 50 ms)."""
+    loop = asyncio.get_running_loop()
+    while True:
+        t0 = loop.time()
+        await asyncio.sleep(period_s)
+        service = getattr(state, "service", None)
+        if service is not None:
+            service.metrics.loop_lag.observe(max(loop.time() - t0 - period_s, 0.0))
 
 
 def error_response(status: int, error: str, detail: Any, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -169,24 +324,40 @@ def error_response(status: int, error: str, detail: Any, headers: dict[str, str]
 
 # ------------------------------------------------------------------------------------------ the app
 def create_app(settings: ServeSettings) -> FastAPI:
+    limits = settings.limits
+    worker = Worker(limits.worker_threads, max_pending=limits.max_inflight + limits.worker_threads)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> Any:
-        app.state.service = await run_in_threadpool(Service, settings)
-        log.info("serving %s on %d torch thread(s)", app.state.service.info.version, settings.threads)
+        loop = asyncio.get_running_loop()
+        app.state.service = await loop.run_in_executor(worker.pool, Service, settings)
+        log.info("serving %s on %d torch thread(s), %d work thread(s)", app.state.service.info.version,
+                 settings.threads, limits.worker_threads)  # fmt: skip
+        # Everything loaded so far (torch, the model, numpy) lives as long as the process: moved out of the garbage
+        # collector's sight, so that a full collection does not pause the event loop for 100 ms and more.
+        gc.collect()
+        gc.freeze()
+        lag = asyncio.create_task(_watch_loop_lag(app.state))
         try:
             yield
         finally:
+            gc.unfreeze()  # an app in a longer-lived process (tests, an embedding program) gives its objects back
+            lag.cancel()
             service, app.state.service = app.state.service, None
             service.close()
+            worker.close()
 
-    app = FastAPI(title="digitkit", version=__version__, lifespan=lifespan,
+    app = FastAPI(title="digitkit", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Handwritten-digit recognition: predict, read, explain, feedback.")  # fmt: skip
     app.state.service = None
-    app.add_middleware(RequestMetrics, state=app.state)
-    app.add_middleware(BodyLimit, limit=settings.limits.max_request_bytes)
+    app.state.max_connections = protocol.configure(limits.max_connections, limits.max_connections_per_client,
+                                                   limits.header_timeout_s, limits.backlog,
+                                                   lambda reason: _count_refused(app.state, reason))  # fmt: skip
+    paths: set[str] = set()
+    app.add_middleware(Guard, limits=limits)
+    app.add_middleware(RequestMetrics, state=app.state, paths=lambda: paths)  # outermost: sees every answer
     _add_error_handlers(app)
     _publish_body_models(app, (schemas.PredictIn, schemas.BatchIn, schemas.ReadIn, schemas.ExplainIn))
-    limits = settings.limits
 
     def service() -> Service:
         svc = app.state.service
@@ -206,67 +377,73 @@ def create_app(settings: ServeSettings) -> FastAPI:
                                "(or --admin-token-file) to use admin routes")  # fmt: skip
         _check_secret(request, settings.admin_token, "admin token", "X-Admin-Token")
 
-    async def work(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        try:
-            return await asyncio.wait_for(run_in_threadpool(fn, *args, **kwargs), limits.request_timeout_s)
-        except TimeoutError:
-            raise ServiceError(408, "request timeout",
-                               f"the request took longer than {limits.request_timeout_s:g} s "
-                               "(limits.request_timeout_s); send a smaller image or batch") from None
+    async def work(fn: Callable[..., T], *args: Any, quick: bool = False) -> T:
+        return await worker.run(limits.request_timeout_s, fn, *args, quick=quick)
+
+    async def answer(request: Request, model: type[BaseModel], single: bool, fn: Callable[[Any, list[Input]], Any]
+                     ) -> Response:  # fmt: skip
+        """Read the body (the only part on the event loop), then parse, compute and render in one job."""
+        raw, form_inputs = await _read_body(request, limits, single)
+        service()  # not ready: 503 before any work
+
+        def job() -> Response:
+            body, inputs = _parse(raw, form_inputs, request.headers, model, limits, single)
+            return JSONResponse(fn(body, inputs))
+
+        size = len(raw) if raw is not None else sum(len(i.data) for i in form_inputs or [])
+        return await work(job, quick=single and size <= QUICK_BODY_BYTES)
 
     # ----------------------------------------------------------------------------------- prediction
     @app.post("/v1/predict", response_model=schemas.Prediction, responses=ERRORS, dependencies=[Depends(api_key)],
               openapi_extra=_body_doc(schemas.PredictIn), tags=["predict"])  # fmt: skip
     async def predict(request: Request) -> Response:
         """Predict one digit. Send a multipart `file`, a raw image body, or JSON with `image` or `pixels`."""
-        body, inputs = await _inputs(request, schemas.PredictIn, limits, single=True)
-        svc = service()
-        route = "preview" if body.preview else "predict"
-        args = (inputs, route, _client(request), body.top_k, body.return_input)
-        if svc.is_small(inputs[0]):
-            # A small image is answered on the event loop: handing it to a worker thread and back costs more than
-            # the answer (about 5 ms against 1-2 ms on 2 busy cores, benchmarks/serve_load.py), and work this
-            # small cannot overrun the request timeout.
-            result = svc.predict(*args, strict=True)
-        else:
-            result = await work(svc.predict, *args, strict=True)
-        return JSONResponse(result[0])
+        client = _client(request)
+
+        def run(body: Any, inputs: list[Input]) -> Any:
+            route = "preview" if body.preview else "predict"
+            return service().predict(inputs, route, client, body.top_k, body.return_input, strict=True)[0]
+
+        return await answer(request, schemas.PredictIn, True, run)
 
     @app.post("/v1/predict/batch", response_model=schemas.BatchOut, responses=ERRORS,
               dependencies=[Depends(api_key)], openapi_extra=_body_doc(schemas.BatchIn, multipart_files=True),
               tags=["predict"])  # fmt: skip
     async def predict_batch(request: Request) -> Response:
         """Predict up to `max_batch` images, answered in order; an unreadable one gets `rejected: unreadable`."""
-        body, inputs = await _inputs(request, schemas.BatchIn, limits, single=False)
-        svc = service()
-        loop = asyncio.get_running_loop()
-        t0 = loop.time()
-        results = await work(svc.predict, inputs, "batch", _client(request), body.top_k, body.return_input)
-        return JSONResponse({"results": results, "count": len(results),
-                             "latency_ms": round((loop.time() - t0) * 1000, 3)})  # fmt: skip
+        client = _client(request)
+
+        def run(body: Any, inputs: list[Input]) -> Any:
+            t0 = time.perf_counter()
+            results = service().predict(inputs, "batch", client, body.top_k, body.return_input)
+            return {"results": results, "count": len(results),
+                    "latency_ms": round((time.perf_counter() - t0) * 1000, 3)}  # fmt: skip
+
+        return await answer(request, schemas.BatchIn, False, run)
 
     @app.post("/v1/read", response_model=schemas.ReadOut, responses=ERRORS, dependencies=[Depends(api_key)],
               openapi_extra=_body_doc(schemas.ReadIn), tags=["predict"])  # fmt: skip
     async def read(request: Request) -> Response:
-        """Read a row of handwritten digits (an amount, a postcode) as a string, with one result per digit."""
-        body, inputs = await _inputs(request, schemas.ReadIn, limits, single=True)
-        svc = service()
-        return JSONResponse(await work(svc.read, inputs[0], _client(request), body.pattern))
+        """Read a row of handwritten digits (an amount, a postcode) as a string, with one result per digit.
+        `pattern` is checked in linear time (digitkit.realworld.pattern: a safe subset of regular expressions)."""
+        client = _client(request)
+        return await answer(request, schemas.ReadIn, True,
+                            lambda body, inputs: service().read(inputs[0], client, body.pattern))
 
     @app.post("/v1/explain", response_model=schemas.ExplainOut, responses=ERRORS, dependencies=[Depends(api_key)],
               openapi_extra=_body_doc(schemas.ExplainIn), tags=["predict"])  # fmt: skip
     async def explain(request: Request) -> Response:
         """The prediction plus heat maps of the pixels that drove it (saliency, Grad-CAM, ...)."""
-        body, inputs = await _inputs(request, schemas.ExplainIn, limits, single=True)
-        svc = service()
-        return JSONResponse(await work(svc.explain, inputs[0], _client(request), list(dict.fromkeys(body.methods))))
+        client = _client(request)
+        return await answer(request, schemas.ExplainIn, True, lambda body, inputs: service().explain(
+            inputs[0], client, list(dict.fromkeys(body.methods))))
 
     @app.post("/v1/feedback", response_model=schemas.FeedbackOut, responses=ERRORS,
               dependencies=[Depends(api_key)], tags=["predict"])  # fmt: skip
     async def feedback(body: schemas.FeedbackIn) -> Response:
         """Tell the server the true label of an earlier prediction; feeds live accuracy and retraining data."""
         svc = service()
-        return JSONResponse(await work(svc.feedback, body.request_id, body.true_label))
+        return JSONResponse(await work(svc.feedback, body.request_id, body.true_label, quick=True))
 
     # ----------------------------------------------------------------------------------- information
     @app.get("/v1/model", response_model=schemas.ModelOut, responses=ERRORS, tags=["info"])
@@ -293,8 +470,12 @@ def create_app(settings: ServeSettings) -> FastAPI:
     async def metrics() -> Response:
         """Prometheus text format."""
         svc = service()
-        await run_in_threadpool(svc.refresh_live_metrics)
-        return Response(svc.metrics.render(), media_type=CONTENT_TYPE)
+
+        def render() -> bytes:
+            svc.refresh_live_metrics()
+            return svc.metrics.render()
+
+        return Response(await work(render), media_type=CONTENT_TYPE)
 
     # ----------------------------------------------------------------------------------- admin
     @app.post("/v1/admin/reload", response_model=schemas.ModelOut, responses=ERRORS,
@@ -302,14 +483,15 @@ def create_app(settings: ServeSettings) -> FastAPI:
     async def reload(body: schemas.ReloadIn | None = None) -> Response:
         """Load the model again (or another one) and swap it in; the old one serves until the new one is ready."""
         svc = service()
-        info = await run_in_threadpool(svc.reload, body.model if body else None)
+        # Not under the request timeout: loading a model may take longer, and the old one serves meanwhile.
+        info = await asyncio.get_running_loop().run_in_executor(worker.pool, svc.reload, body.model if body else None)
         return JSONResponse({k: v for k, v in info.__dict__.items() if k != "config"})
 
     @app.get("/v1/admin/audit/stats", responses=ERRORS, dependencies=[Depends(admin)], tags=["admin"])
     async def audit_stats() -> Response:
         """Totals, rejection rate, latency percentiles and labelled accuracy from the audit log."""
         svc = service()
-        return JSONResponse(await run_in_threadpool(svc.audit.stats))
+        return JSONResponse(await work(svc.audit.stats))
 
     @app.get("/v1/admin/audit/export", responses=ERRORS, dependencies=[Depends(admin)], tags=["admin"])
     async def audit_export(format: str = "jsonl", labelled: bool = False) -> Response:  # noqa: A002 - the query name
@@ -318,18 +500,51 @@ def create_app(settings: ServeSettings) -> FastAPI:
             raise ServiceError(422, "unknown format", f"format={format!r}; expected csv or jsonl")
         svc = service()
         spool = tempfile.TemporaryFile("w+", encoding="utf-8")
-        await run_in_threadpool(svc.audit.export, spool, format, labelled)
+        # A whole-table export is not bounded by the request timeout: it streams what it wrote, however long.
+        await asyncio.get_running_loop().run_in_executor(worker.pool, svc.audit.export, spool, format, labelled)
         spool.seek(0)
         media = "text/csv" if format == "csv" else "application/x-ndjson"
         return StreamingResponse(_drain(spool), media_type=media)
 
-    # ----------------------------------------------------------------------------------- the page
+    # ----------------------------------------------------------------------------------- the pages
     @app.get("/", include_in_schema=False)
     async def index() -> Response:
         return FileResponse(str(STATIC / "index.html"), media_type="text/html")
 
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui() -> HTMLResponse:
+        return _local_only(get_swagger_ui_html(openapi_url=app.openapi_url or "/openapi.json", title="digitkit API",
+                                   swagger_js_url=f"{DOCS_ASSETS_URL}/swagger-ui-bundle.js",
+                                   swagger_css_url=f"{DOCS_ASSETS_URL}/swagger-ui.css",
+                                   swagger_favicon_url="/static/favicon.svg"))  # fmt: skip
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc() -> HTMLResponse:
+        return _local_only(get_redoc_html(openapi_url=app.openapi_url or "/openapi.json", title="digitkit API",
+                                          redoc_js_url=f"{DOCS_ASSETS_URL}/redoc.standalone.js",
+                                          redoc_favicon_url="/static/favicon.svg", with_google_fonts=False))
+
+    app.mount(DOCS_ASSETS_URL, StaticFiles(directory=str(DOCS_ASSETS)), name="api-docs-assets")
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
+    paths.update(getattr(r, "path", "") for r in app.routes)
     return app
+
+
+DOCS_CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline' blob:; worker-src 'self' blob:; "
+            "style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; font-src 'self' data:; "
+            "connect-src 'self'")  # fmt: skip
+"""The API reference pages load from this server only (ReDoc would fetch its logo from a CDN)."""
+
+
+def _local_only(page: HTMLResponse) -> HTMLResponse:
+    page.headers["Content-Security-Policy"] = DOCS_CSP
+    return page
+
+
+def _count_refused(state: Any, reason: str) -> None:
+    service = getattr(state, "service", None)
+    if service is not None:
+        service.metrics.connections_refused.labels(reason).inc()
 
 
 def app_from_env() -> FastAPI:
@@ -367,50 +582,79 @@ def _check_secret(request: Request, expected: str | None, what: str, header: str
 
 
 # ------------------------------------------------------------------------------------------ request parsing
-async def _inputs(request: Request, model: type[BaseModel], limits: Any, single: bool) -> tuple[Any, list[Input]]:
-    """The request's body model (defaults for non-JSON bodies) and its images, or a 4xx ServiceError."""
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+async def _read_body(request: Request, limits: Any, single: bool) -> tuple[bytes | None, list[Input] | None]:
+    """The part of reading a request that runs on the event loop: its bytes (JSON or a raw image), or the files of a
+    multipart form; everything else (parsing, validation, decoding) is `_parse`, in the worker pool."""
+    ctype = _content_type(request.headers)
     if ctype == "application/json":
-        raw = await request.body()
-        try:
-            data = json.loads(raw, parse_constant=_reject_constant)
-        except (ValueError, RecursionError) as e:
-            raise ServiceError(400, "invalid JSON", f"the body is not valid JSON ({e}); NaN and Infinity are not "
-                               "accepted") from None  # fmt: skip
-        try:
-            body = model.model_validate(data)
-        except ValidationError as e:
-            raise ServiceError(422, "invalid request", _validation_detail(e.errors())) from None
-        items = body.images if isinstance(body, schemas.BatchIn) else [body]
-        return body, _check_count([_from_json(item, limits) for item in items], limits, single)
+        return await request.body(), None
     if ctype == "multipart/form-data":
         try:
             form = await request.form(max_files=limits.max_batch + 1, max_fields=32)
+        except (StarletteHTTPException, ClientDisconnect):
+            raise
         except Exception as e:  # noqa: BLE001 - python-multipart raises several types for malformed bodies
-            raise ServiceError(400, "invalid multipart body", f"could not parse the form ({e})") from None
-        files = [(key, value) for key, value in form.multi_items() if hasattr(value, "read")]
+            raise ServiceError(400, "invalid multipart body", f"could not parse the form ({plain_message(e)}); send "
+                               "multipart/form-data with the image in a file field") from None  # fmt: skip
         inputs = []
-        for _, upload in files:
-            utype = (upload.content_type or "application/octet-stream").split(";")[0].lower()
-            if utype not in limits.content_types and utype != "application/octet-stream":
-                raise ServiceError(415, "unsupported media type",
-                                   f"file {upload.filename!r} is {utype}; expected one of "
-                                   f"{', '.join(limits.content_types)}")  # fmt: skip
-            inputs.append(Input(await upload.read(), upload.filename or "file"))
-        await form.close()
+        try:
+            for _, upload in form.multi_items():
+                if not hasattr(upload, "read"):
+                    continue
+                utype = (upload.content_type or "application/octet-stream").split(";")[0].lower()
+                if utype not in limits.content_types and utype != "application/octet-stream":
+                    raise ServiceError(415, "unsupported media type",
+                                       f"file {upload.filename!r} is {utype}; expected one of "
+                                       f"{', '.join(limits.content_types)}")  # fmt: skip
+                inputs.append(Input(await upload.read(), upload.filename or "file"))
+        finally:
+            await form.close()
         if not inputs:
             raise ServiceError(422, "no image", "the form has no file; send the image as a file field, e.g. "
                                "`curl -F file=@digit.png ...`")  # fmt: skip
-        return model.model_construct(**_defaults(model)), _check_count(inputs, limits, single)
+        return None, inputs
     if ctype in limits.content_types:
         if not single:
             raise ServiceError(415, "unsupported media type",
                                "a batch is sent as JSON {\"images\": [...]} or as multipart files")
-        raw = await request.body()
-        return model.model_construct(**_defaults(model)), [Input(raw, "body")]
+        return await request.body(), None
     allowed = ["application/json", "multipart/form-data"] + (limits.content_types if single else [])
     raise ServiceError(415, "unsupported media type",
                        f"Content-Type {ctype or '(none)'!r}; expected one of {', '.join(allowed)}")
+
+
+def _parse(raw: bytes | None, form_inputs: list[Input] | None, headers: Any, model: type[BaseModel], limits: Any,
+           single: bool) -> tuple[Any, list[Input]]:  # fmt: skip
+    """The request's body model (defaults for non-JSON bodies) and its images, or a 4xx ServiceError. CPU work on
+    client data: runs in the worker pool, never on the event loop."""
+    if form_inputs is not None:
+        return model.model_construct(**_defaults(model)), _check_count(form_inputs, limits, single)
+    assert raw is not None
+    if _content_type(headers) != "application/json":
+        return model.model_construct(**_defaults(model)), [Input(raw, "body")]
+    try:
+        data = json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as e:
+        raise ServiceError(400, "invalid JSON", f"the body is not valid JSON ({plain_message(e)}); NaN and "
+                           "Infinity are not accepted") from None  # fmt: skip
+    try:
+        body = model.model_validate(data)
+    except ValidationError as e:
+        raise ServiceError(422, "invalid request", _validation_detail(e.errors())) from None
+    if getattr(body, "pattern", None) is not None:
+        from digitkit.realworld.pattern import compile_pattern
+
+        try:
+            compile_pattern(body.pattern)
+        except DataError as e:
+            raise ServiceError(422, "invalid pattern", str(e)) from None
+    items = body.images if isinstance(body, schemas.BatchIn) else [body]
+    return body, _check_count([_from_json(item, limits) for item in items], limits, single)
+
+
+def _content_type(headers: Any) -> str:
+    return headers.get("content-type", "").split(";")[0].strip().lower()
+
 
 
 def _defaults(model: type[BaseModel]) -> dict[str, Any]:
@@ -464,14 +708,28 @@ def _reject_constant(name: str) -> Any:
 
 
 def _validation_detail(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in errors]
+    """The first MAX_ERRORS_SHOWN validation errors (location, message, type: never the offending input itself),
+    and how many more there were."""
+    shown = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+             for e in errors[:MAX_ERRORS_SHOWN]]  # fmt: skip
+    if len(errors) > MAX_ERRORS_SHOWN:
+        shown.append({"loc": [], "msg": f"and {len(errors) - MAX_ERRORS_SHOWN:,} more errors like these",
+                      "type": "truncated"})  # fmt: skip
+    return shown
 
 
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {"Retry-After": "1"} if exc.status == 503 \
+            else None
         return error_response(exc.status, exc.error, exc.detail, headers)
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, exc: ClientDisconnect) -> Response:
+        # Nobody is listening: nothing to log, and RequestMetrics counts it as a disconnect, not as an error.
+        request.scope["digitkit.disconnected"] = True
+        return Response(status_code=499)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -483,7 +741,7 @@ def _add_error_handlers(app: FastAPI) -> None:
             phrase = HTTPStatus(exc.status_code).phrase.lower()
         except ValueError:
             phrase = "error"
-        return error_response(exc.status_code, phrase, exc.detail, getattr(exc, "headers", None))
+        return error_response(exc.status_code, getattr(exc, "error", phrase), exc.detail, getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:

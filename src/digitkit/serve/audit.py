@@ -11,6 +11,11 @@ busy timeout, so writers queue instead of failing.
 
 Exports: CSV has every column except the image; JSON lines have every column, the image (the 28x28 uint8 model
 input, row-major) as base64 under `image_b64` (null when the input was unreadable).
+
+Retention (`AuditLog.prune`, `digitkit audit prune`, and the server's background `Pruner` when the `audit:` settings
+set a limit): rows older than an age go, whether labelled or not; then, over a row limit, unlabelled rows go first
+(oldest first), so labelled rows, the ones that become training data, are kept longest. Deletes run in small
+batches, one transaction each, so the table is never locked for long.
 """
 
 from __future__ import annotations
@@ -19,12 +24,14 @@ import base64
 import contextlib
 import csv
 import json
+import logging
 import math
 import os
 import threading
 import time
 import typing
-from dataclasses import dataclass, fields
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +43,20 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, NoSuchModu
 
 from digitkit.errors import ConfigError, DataError
 
+if typing.TYPE_CHECKING:
+    from digitkit.serve.settings import AuditSettings
+
+logger = logging.getLogger("digitkit.serve")
+
 IMAGE_SIZE = 28
 IMAGE_BYTES = IMAGE_SIZE * IMAGE_SIZE
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 EXPORT_FORMATS = ("csv", "jsonl")
+PRUNE_BATCH = 2000
+"""Rows deleted per transaction when pruning: a batch holds SQLite's write lock (or PostgreSQL's row locks) for a
+few milliseconds, so answers recorded meanwhile wait at most that long."""
+_Step = tuple[str, bool, Callable[[Any], Any]]
+"""One prune step: (the limit, "age" or "rows"; labelled rows?; the condition on a `predictions` table or alias)."""
 
 
 @dataclass
@@ -441,8 +458,216 @@ class AuditLog:
         data.write_sums(out_dir)
         return {c: k for c, k in zip(classes, ds.class_counts(), strict=True) if k}
 
+    # ------------------------------------------------------------------------------------------ retention
+    def prune(self, max_age_s: float | None = None, max_rows: int | None = None, dry_run: bool = False,
+              now: float | None = None, batch: int = PRUNE_BATCH,
+              stop: Callable[[], bool] | None = None) -> PruneResult:  # fmt: skip
+        """Delete the predictions older than `max_age_s` seconds, then the oldest beyond `max_rows`; return counts.
+
+        The age limit applies to every row. `max_rows` keeps labelled rows (with feedback) longest: unlabelled rows
+        are deleted first, oldest first, and labelled rows (oldest first) only when they alone exceed max_rows.
+        Each limit becomes a fixed boundary before anything is deleted, so two processes pruning at once (server
+        workers) delete the same rows, never twice as many. Rows go in batches of `batch`, one transaction each;
+        `stop` is asked between batches and ends the work early. With `dry_run` nothing is deleted and the counts
+        say what would be.
+        """
+        if max_age_s is not None and not (isinstance(max_age_s, int | float) and math.isfinite(max_age_s)
+                                          and max_age_s > 0):  # fmt: skip
+            raise ConfigError(f"prune: max age {max_age_s!r} s: expected a positive number of seconds (e.g. 30d = "
+                              "2592000), or None to keep predictions of any age")  # fmt: skip
+        if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1):
+            raise ConfigError(f"prune: max rows {max_rows!r}: expected a positive integer, or None to keep any number")
+        if batch < 1:
+            raise ConfigError(f"prune: batch {batch}: expected a positive number of rows per transaction")
+        t0 = time.perf_counter()
+        cutoff = float((time.time() if now is None else now) - max_age_s) if max_age_s is not None else None
+        p = predictions.c
+        deleted = {("age", False): 0, ("age", True): 0, ("rows", False): 0, ("rows", True): 0}
+        try:
+            with self._engine().connect() as conn:
+                plan, warnings = self._prune_plan(conn, cutoff, max_rows)
+                if dry_run:
+                    for kind, labelled, cond in plan:
+                        n = conn.execute(sa.select(sa.func.count()).where(cond(predictions))).scalar_one()
+                        deleted[kind, labelled] += int(n)
+            if not dry_run:
+                for kind, labelled, cond in plan:
+                    deleted[kind, labelled] += self._delete_batches(cond, batch, stop)
+            kept_where = sa.not_(sa.or_(*(cond(predictions) for _, _, cond in plan))) if dry_run and plan else sa.true()
+            with self._engine().connect() as conn:
+                kept, kept_labelled, oldest = conn.execute(
+                    sa.select(sa.func.count(), sa.func.count(p.true_label), sa.func.min(p.time)).where(kept_where)
+                ).one()
+        except SQLAlchemyError as e:
+            raise self._error(e, "prune the audit log") from None
+        return PruneResult(
+            database=self.display_url, dry_run=dry_run, max_age_s=max_age_s, cutoff=cutoff, max_rows=max_rows,
+            deleted_by_age=deleted["age", False] + deleted["age", True],
+            deleted_by_rows=deleted["rows", False] + deleted["rows", True],
+            deleted_labelled=deleted["age", True] + deleted["rows", True],
+            kept=int(kept), kept_labelled=int(kept_labelled), oldest_kept=oldest,
+            seconds=round(time.perf_counter() - t0, 3), warnings=warnings,
+        )  # fmt: skip
+
+    def _prune_plan(self, conn: sa.Connection, cutoff: float | None,
+                    max_rows: int | None) -> tuple[list[_Step], list[str]]:  # fmt: skip
+        """(what to delete: (limit, labelled?, condition on a `predictions` table or alias), warnings)."""
+
+        def kind(t: Any, labelled: bool) -> Any:
+            return t.c.true_label.is_not(None) if labelled else t.c.true_label.is_(None)
+
+        def alive(t: Any) -> Any:  # what the age limit keeps
+            return t.c.time >= cutoff if cutoff is not None else sa.true()
+
+        plan: list[_Step] = []
+        warnings: list[str] = []
+        if cutoff is not None:
+            for labelled in (False, True):
+                plan.append(("age", labelled, lambda t, lab=labelled: sa.and_(kind(t, lab), t.c.time < cutoff)))
+        if max_rows is None:
+            return plan, warnings
+        p = predictions
+        n_labelled = int(conn.execute(sa.select(sa.func.count()).where(kind(p, True), alive(p))).scalar_one())
+        keep = {False: max(max_rows - n_labelled, 0), True: max_rows}
+        if keep[False] == 0:
+            warnings.append(
+                f"labelled predictions alone ({n_labelled:,}) fill max_rows ({max_rows:,}): every unlabelled "
+                "prediction is deleted at each prune, before feedback can label it; raise max_rows (or set a "
+                "max age so old labelled rows make room)"
+            )
+        for labelled in (False, True):
+            if keep[labelled] == 0:
+                plan.append(("rows", labelled, lambda t, lab=labelled: sa.and_(kind(t, lab), alive(t))))
+                continue
+            # The newest rows are kept: the boundary is the keep-th newest row by (time, request_id).
+            last_kept = conn.execute(
+                sa.select(p.c.time, p.c.request_id).where(kind(p, labelled), alive(p))
+                .order_by(p.c.time.desc(), p.c.request_id.desc()).offset(keep[labelled] - 1).limit(1)
+            ).first()  # fmt: skip
+            if last_kept is None:  # no more rows than that: nothing to delete
+                continue
+            t_k, id_k = last_kept
+            plan.append(("rows", labelled, lambda t, lab=labelled, t_k=t_k, id_k=id_k: sa.and_(
+                kind(t, lab), alive(t), t.c.time <= t_k, sa.or_(t.c.time < t_k, t.c.request_id < id_k))))  # fmt: skip
+        return plan, warnings
+
+    def start_pruner(self, settings: AuditSettings) -> Pruner:
+        """The server's background retention (see Pruner): a thread when the settings set a limit, inert otherwise."""
+        return Pruner(self, settings).start()
+
+    def _delete_batches(self, cond: Callable[[Any], Any], batch: int, stop: Callable[[], bool] | None) -> int:
+        """Delete the rows matching `cond`, oldest first, `batch` rows per transaction; returns how many."""
+        p = predictions.c
+        oldest = sa.select(p.request_id).where(cond(predictions)).order_by(p.time, p.request_id).limit(batch)
+        total = 0
+        while stop is None or not stop():
+            with self._engine().begin() as conn:
+                if self.is_sqlite:
+                    # One statement: a SQLite transaction that reads before it writes could fail with
+                    # SQLITE_BUSY_SNAPSHOT when a server worker commits in between, instead of waiting its turn.
+                    victims = predictions.alias("victims")
+                    ids: Any = sa.select(victims.c.request_id).where(cond(victims)).order_by(
+                        victims.c.time, victims.c.request_id).limit(batch)  # fmt: skip
+                else:
+                    # The batch is locked first, skipping rows another transaction holds (a feedback update, another
+                    # worker's batch): concurrent pruners take disjoint batches and never wait on or deadlock with
+                    # each other. (A FOR UPDATE subquery inside the DELETE could be re-run and exceed the batch.)
+                    ids = list(conn.execute(oldest.with_for_update(skip_locked=True)).scalars())
+                    if not ids:
+                        break
+                # `cond` is checked again on each row as it is deleted: a row labelled by feedback in the meantime
+                # is kept (a labelled row is never deleted as an unlabelled one).
+                n = conn.execute(predictions.delete().where(cond(predictions), p.request_id.in_(ids))).rowcount
+            total += n
+            if n == 0:
+                break
+        return total
+
     def close(self) -> None:
         self.engine.dispose()
+
+
+@dataclass
+class PruneResult:
+    """What `AuditLog.prune` deleted (with dry_run: would delete) and what is left."""
+
+    database: str
+    dry_run: bool
+    max_age_s: float | None
+    cutoff: float | None
+    """Rows recorded before this unix time are over the age limit."""
+    max_rows: int | None
+    deleted_by_age: int
+    deleted_by_rows: int
+    """Deleted (after the age limit) to get down to max_rows."""
+    deleted_labelled: int
+    """Of all the deleted rows, those with a label from feedback."""
+    kept: int
+    kept_labelled: int
+    oldest_kept: float | None
+    seconds: float
+    warnings: list[str]
+
+    @property
+    def deleted(self) -> int:
+        return self.deleted_by_age + self.deleted_by_rows
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "deleted": self.deleted}
+
+
+class Pruner:
+    """The server's retention: `AuditLog.prune` in a background thread, at start and then every prune_every_s.
+
+    Never on a request's path nor on the event loop. A failed prune logs a warning and is tried again at the next
+    interval; serving goes on. Inert (no thread) when the settings keep everything. The service starts it with
+    `self.pruner = self.audit.start_pruner(settings.audit)` and stops it with `self.pruner.close()`.
+    """
+
+    def __init__(self, audit: AuditLog, settings: AuditSettings) -> None:
+        self.audit, self.settings = audit, settings
+        self.last: PruneResult | None = None
+        self.runs = self.failures = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> Pruner:
+        if self.settings.enabled and self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="digitkit-audit-prune", daemon=True)
+            self._thread.start()
+        return self
+
+    def run_once(self) -> PruneResult | None:
+        """One prune now (in the caller's thread); None if it failed (logged)."""
+        s = self.settings
+        try:
+            result = self.audit.prune(max_age_s=s.max_age_s, max_rows=s.max_rows, stop=self._stop.is_set)
+        except Exception as e:  # noqa: BLE001 - whatever went wrong, serving goes on
+            self.failures += 1
+            logger.warning("audit retention: pruning %s failed (%s); serving goes on, next try in %g s",
+                           self.audit.display_url, e, s.prune_every_s)  # fmt: skip
+            return None
+        self.runs += 1
+        self.last = result
+        for warning in result.warnings:
+            logger.warning("audit retention: %s", warning)
+        if result.deleted:
+            logger.info("audit retention: deleted %d predictions (%d over the age limit, %d over max_rows; %d "
+                        "labelled) in %.2f s; %d kept", result.deleted, result.deleted_by_age, result.deleted_by_rows,
+                        result.deleted_labelled, result.seconds, result.kept)  # fmt: skip
+        return result
+
+    def _loop(self) -> None:
+        delay = 0.0  # the first prune at startup
+        while not self._stop.wait(delay):
+            self.run_once()
+            delay = self.settings.prune_every_s
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the thread (a prune under way stops after its current batch)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

@@ -5,6 +5,11 @@ class distribution, mean confidence and rejection rate of the model on its own v
 way the server answers. Latency has no stored baseline (it belongs to the machine, not the model): the server
 measures it at startup.
 
+Without reference data (the run's data folder is missing on the serving machine) the server falls back to a uniform
+prior (`measured` false, source "uniform prior (no data)"). A fallback is never stored: the next start or reload
+that finds the data measures the real baseline and stores it, and a stored fallback (written by older versions) is
+ignored and recomputed.
+
 Signals (thresholds in `DriftSettings`):
   class_shift       total-variation distance between predicted-class distributions (answered images only)
   confidence_drop   baseline mean confidence minus the window's
@@ -29,6 +34,9 @@ log = logging.getLogger("digitkit.serve")
 
 SIGNALS = ("class_shift", "confidence_drop", "rejection_rise", "latency_ratio")
 BASELINE_FILE = "baseline.json"
+FALLBACK_SOURCE = "uniform prior (no data)"
+FALLBACK_CONFIDENCE = 0.9
+"""The fallback's mean confidence: a guess (a trained MNIST model is usually above it), not a measurement."""
 
 
 @dataclass
@@ -39,9 +47,17 @@ class Baseline:
     images: int
     source: str
     latency_ms: float | None = None
+    measured: bool = True
+    """False for the uniform fallback used when no reference data was found: never stored, recomputed next start."""
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k != "latency_ms"}
+
+
+def uniform_baseline(classes: list[str]) -> Baseline:
+    """The fallback when no reference images are at hand: every class equally likely, nothing rejected."""
+    k = max(len(classes), 1)
+    return Baseline({c: 1 / k for c in classes}, FALLBACK_CONFIDENCE, 0.0, 0, FALLBACK_SOURCE, measured=False)
 
 
 def compute_baseline(answers: list[Any], classes: list[str], source: str) -> Baseline:
@@ -57,6 +73,7 @@ def compute_baseline(answers: list[Any], classes: list[str], source: str) -> Bas
         rejection_rate=round(1 - len(answered) / max(len(answers), 1), 6),
         images=len(answers),
         source=source,
+        measured=bool(answers),
     )
 
 
@@ -70,14 +87,22 @@ def load_baseline(run_dir: Path, checkpoint_sha256: str) -> Baseline | None:
         return None  # written for another checkpoint (the run was resumed or the file copied): recompute
     raw.pop("checkpoint_sha256")
     try:
-        return Baseline(**raw)
+        baseline = Baseline(**raw)
     except TypeError:
         return None
+    # Files from before `measured` existed may hold the fallback: it was never measured, so measure it now.
+    if not baseline.measured or not baseline.images or baseline.source == FALLBACK_SOURCE:
+        log.info("%s holds a fallback drift baseline, not a measured one: measuring it again", path)
+        return None
+    return baseline
 
 
 def save_baseline(baseline: Baseline, run_dir: Path, checkpoint_sha256: str) -> None:
     from digitkit.idx import atomic_write_bytes
 
+    if not baseline.measured:  # a guess stored as if measured would outlive the missing data forever
+        log.debug("drift baseline not stored: %s is a fallback, not a measurement", baseline.source)
+        return
     payload = {**baseline.to_json(), "checkpoint_sha256": checkpoint_sha256}
     try:
         atomic_write_bytes(run_dir / BASELINE_FILE, (json.dumps(payload, indent=2) + "\n").encode())

@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+LOOP_LAG_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0)
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 
 
@@ -38,6 +39,18 @@ class Metrics:
         self.cache_hits = Counter("digitkit_cache_hits_total", "Images answered from the cache", registry=reg)
         self.cache_misses = Counter("digitkit_cache_misses_total", "Images computed (not in the cache)", registry=reg)
         self.feedback = Counter("digitkit_feedback_total", "Labels received through /v1/feedback", registry=reg)
+        # Incremented by the HTTP layer when a client goes away before its response was sent (not a status).
+        self.client_disconnects = Counter("digitkit_client_disconnects_total",
+                                          "Requests whose client disconnected before the response was sent, by route",
+                                          ["route"], registry=reg)  # fmt: skip
+        # The connection layer (digitkit.serve.protocol): connections answered 503 at limits.max_connections, or
+        # cut with 408 at limits.header_timeout_s, before any request was read.
+        self.connections_refused = Counter("digitkit_connections_refused_total",
+                                           "Connections refused or cut before a request was read, by reason",
+                                           ["reason"], registry=reg)  # fmt: skip
+        self.loop_lag = Histogram("digitkit_event_loop_lag_seconds",
+                                  "How late the event loop woke up (sampled every 20 ms): time it was held",
+                                  buckets=LOOP_LAG_BUCKETS, registry=reg)  # fmt: skip
         self._live: dict[str, Any] = {}
         self.registry.register(_LiveCollector(self._live))
         if multiprocess():
@@ -74,8 +87,11 @@ class _LiveCollector:
             "digitkit_labelled_predictions": "Predictions with a label from /v1/feedback",
             "digitkit_window_mean_confidence": "Mean confidence of answered images in the drift window",
             "digitkit_window_rejection_rate": "Share of rejected images in the drift window",
-            "digitkit_window_median_latency_ms": "Median latency in the drift window (this worker)",
+            "digitkit_window_median_latency_seconds": "Median answer latency in seconds in the drift window (this "
+                                                      "worker; cache hits left out)",
             "digitkit_model_loaded": "1 when a model is loaded and serving",
+            "digitkit_drift_baseline_measured": "1 when the drift baseline was measured on reference images, 0 when "
+                                                "it is the uniform fallback (no reference data at startup)",
         }
         for name, doc in simple.items():
             if name in live and live[name] is not None:

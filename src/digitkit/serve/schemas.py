@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat
 
-Pixels = list[list[float]]
+Pixels = list[list[StrictFloat]]
+"""Numbers only: true/false are not pixel values (a strict float takes ints and floats, not booleans)."""
 METHODS = Literal["saliency", "smoothgrad", "integrated-gradients", "gradcam"]
 
 

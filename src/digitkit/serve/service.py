@@ -37,8 +37,6 @@ log = logging.getLogger("digitkit.serve")
 BASELINE_IMAGES = 2000
 """Validation images answered to build a missing drift baseline (about 1 s on 2 cores)."""
 LATENCY_PROBES = 30
-SMALL_SIDE = 64
-"""Images up to this size a side are answered without a thread handoff (see app.predict)."""
 
 
 class ServiceError(DigitkitError):
@@ -158,21 +156,24 @@ class Loaded:
         if stored is not None:
             return stored
         baseline = _reference_baseline(opened, self.recognizer)
-        save_baseline(baseline, self.model_dir, sha)
+        if baseline.measured:  # a fallback is never stored: the next start or reload that finds the data measures it
+            save_baseline(baseline, self.model_dir, sha)
         return baseline
 
 
 def _reference_baseline(opened: Any, recognizer: Recognizer) -> Baseline:
     """Answers on (part of) the model's validation split; a uniform prior when the data is not at hand."""
     from digitkit import data, runs
+    from digitkit.serve.drift import uniform_baseline
 
     cfg = opened.cfg
     try:
         full = data.load_split(cfg.data.dir, "train", verify=False)
     except DigitkitError as e:
-        log.warning("no reference data for the drift baseline (%s); assuming uniform classes", e)
-        k = len(recognizer.classes)
-        return Baseline({c: 1 / k for c in recognizer.classes}, 0.9, 0.0, 0, "uniform prior (no data)")
+        log.warning("no reference data for the drift baseline (%s); drift is measured against a uniform fallback "
+                    "until the server starts (or reloads) with the data at %s; the fallback is not stored",
+                    e, cfg.data.dir)  # fmt: skip
+        return uniform_baseline(recognizer.classes)
     train_idx, val_idx = data.stratified_split(full.labels, cfg.data.val_fraction, cfg.split_seed)
     what = "validation images"
     if not len(val_idx):  # data.val_fraction 0: a seeded sample of the training images, all of which it trained on
@@ -204,6 +205,7 @@ class Service:
         self._reload_lock = threading.Lock()
         self.started = time.time()
         self.loaded.baseline.latency_ms = self._measure_latency()
+        self.pruner = self.audit.start_pruner(settings.audit)  # audit retention, in a background thread
 
     # ------------------------------------------------------------------------------------------ model
     @property
@@ -314,18 +316,6 @@ class Service:
             status, title = 422, "unreadable image"
         return _answer_json(answer), _uint8_image(answer), status, title
 
-    def is_small(self, item: Input) -> bool:
-        """Cheap to answer (at most SMALL_SIDE pixels a side, or already the model's input)? Never decodes."""
-        if item.model_input:
-            return True
-        if isinstance(item.data, np.ndarray):
-            return max(item.data.shape) <= SMALL_SIDE
-        try:
-            with Image.open(io.BytesIO(item.data)) as img:
-                return max(img.size) <= SMALL_SIDE
-        except Exception:  # noqa: BLE001 - not an image, or a bomb: the thread pool path reports it
-            return False
-
     @staticmethod
     def _model_input(pixels: np.ndarray, rec: Recognizer) -> Preprocessed:
         size = rec.preprocess_cfg.size
@@ -415,13 +405,15 @@ class Service:
             digitkit_labelled_predictions=labelled,
             digitkit_window_mean_confidence=stats["mean_confidence"] if stats["size"] else None,
             digitkit_window_rejection_rate=stats["rejection_rate"] if stats["size"] else None,
-            digitkit_window_median_latency_ms=stats["median_latency_ms"] if stats["size"] else None,
+            digitkit_window_median_latency_seconds=stats["median_latency_ms"] / 1000 if stats["size"] else None,
             digitkit_model_loaded=1,
+            digitkit_drift_baseline_measured=1 if loaded.baseline.measured else 0,
             drift_alert=dict(loaded.drift.alerts), drift_value=dict(loaded.drift.values),
             model_version=loaded.info.version,
         )  # fmt: skip
 
     def close(self) -> None:
+        self.pruner.close()
         self.audit.close()
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,16 +37,49 @@ class LimitSettings:
     max_pixels_side: int = 1024
     """Largest side of a JSON `pixels` array."""
     request_timeout_s: float = 30.0
-    """Work on one request (after its body arrived) longer than this answers 408."""
+    """Work on one request (after its body arrived) longer than this answers 408. The work itself is bounded by the
+    other limits (pixels, frames, batch size, pattern size), so a thread left behind by a timeout ends soon."""
     content_types: list[str] = field(default_factory=lambda: list(IMAGE_TYPES))
     """Image types accepted as a raw body or a multipart file (JSON and multipart are always accepted)."""
+    max_connections: int = 1000
+    """Open connections per worker process; one more is answered 503 (Retry-After) and closed at once, before its
+    request is read, so a flood of idle or half-sent connections cannot exhaust the process's file descriptors.
+    Lowered at startup to fit the file-descriptor limit (`ulimit -n`) with room for the database and files."""
+    max_connections_per_client: int = 256
+    """Open connections per client address and worker, so that one client cannot take them all. Behind a reverse
+    proxy every client has the proxy's address: set it to max_connections there and limit clients in the proxy."""
+    backlog: int = 256
+    """Connections the kernel queues before they are accepted; also the most the event loop accepts in one turn
+    (256 take about 30 ms to accept or refuse), so a connection flood cannot hold the loop for long."""
+    max_inflight: int = 64
+    """Requests being answered at once per worker (bodies being read, queued or computing); beyond it 503 with
+    Retry-After. /healthz, /readyz and /metrics are never refused by this limit."""
+    max_inflight_per_client: int = 16
+    """The same per client address, so that one client holding slow bodies cannot take every slot (behind a reverse
+    proxy that buffers bodies, set it to max_inflight)."""
+    worker_threads: int = 8
+    """Threads per worker process that decode, preprocess, run the model and write the audit log: the event loop
+    itself only moves bytes."""
+    header_timeout_s: float = 10.0
+    """A connection must send a request's whole header within this many seconds of its first byte (or of opening):
+    slow-header clients (slowloris) are cut off with 408."""
+    body_timeout_s: float = 30.0
+    """A request's whole body must arrive within this many seconds of its header: slow-body clients are cut off
+    with 408. (8 MiB in 30 s is 2.2 Mbit/s.)"""
+    keep_alive_s: float = 5.0
+    """An idle keep-alive connection is closed after this many seconds."""
 
     def __post_init__(self) -> None:
-        for name in ("max_request_bytes", "max_image_pixels", "max_batch", "max_pixels_side"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"limits.{name} = {getattr(self, name)}: expected a positive integer")
-        if self.request_timeout_s <= 0:
-            raise ConfigError(f"limits.request_timeout_s = {self.request_timeout_s}: expected seconds > 0")
+        for name in ("max_request_bytes", "max_image_pixels", "max_batch", "max_pixels_side", "max_connections",
+                     "max_connections_per_client", "backlog", "max_inflight", "max_inflight_per_client",
+                     "worker_threads"):  # fmt: skip
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"limits.{name} = {value!r}: expected a positive integer")
+        for name in ("request_timeout_s", "header_timeout_s", "body_timeout_s", "keep_alive_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 3600:
+                raise ConfigError(f"limits.{name} = {value!r}: expected seconds, more than 0 and at most 3600")
 
 
 @dataclass
@@ -77,6 +111,49 @@ class DriftSettings:
             raise ConfigError(f"drift.latency_ratio = {self.latency_ratio}: expected a ratio > 1")
 
 
+MAX_PRUNE_EVERY_S = 7 * 86400
+
+
+@dataclass
+class AuditSettings:
+    """Retention of the audit log, applied by the server in a background thread (and by `digitkit audit prune`).
+
+    Both limits None (the default) keep every prediction. The age limit applies to every row, labelled or not;
+    max_rows deletes unlabelled rows first (oldest first), so labelled rows, the ones that become training data,
+    are kept longest: they go (oldest first) only when they alone exceed max_rows.
+    """
+
+    max_age_days: float | None = None
+    """Delete predictions older than this many days (e.g. 30, or 0.5 for 12 hours); None keeps any age."""
+    max_rows: int | None = None
+    """Keep at most this many predictions; None keeps any number."""
+    prune_every_s: float = 3600.0
+    """Seconds between two prunes by the server (the first runs at startup); only used when a limit is set."""
+
+    def __post_init__(self) -> None:
+        def number(value: Any) -> bool:
+            return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+        days, rows, every = self.max_age_days, self.max_rows, self.prune_every_s
+        if days is not None and not (number(days) and days > 0):
+            raise ConfigError(f"audit.max_age_days = {days!r}: expected a number of days > 0 (e.g. 30), or null to "
+                              "keep predictions of any age")  # fmt: skip
+        if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
+            raise ConfigError(f"audit.max_rows = {rows!r}: expected a positive number of rows (e.g. 1000000), or "
+                              "null to keep any number")  # fmt: skip
+        if not (number(every) and 1 <= every <= MAX_PRUNE_EVERY_S):
+            raise ConfigError(f"audit.prune_every_s = {every!r}: expected seconds between prunes, from 1 to "
+                              f"{MAX_PRUNE_EVERY_S:,} (a week); e.g. 3600")  # fmt: skip
+
+    @property
+    def max_age_s(self) -> float | None:
+        return self.max_age_days * 86400 if self.max_age_days is not None else None
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_age_days is not None or self.max_rows is not None
+
+
 @dataclass
 class ServeSettings:
     model: str = "runs/latest"
@@ -97,6 +174,8 @@ class ServeSettings:
     come from the same checkpoint). Explanations still use the PyTorch model of that checkpoint."""
     limits: LimitSettings = field(default_factory=LimitSettings)
     drift: DriftSettings = field(default_factory=DriftSettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
+    """Audit-log retention (max_age_days, max_rows, prune_every_s); the default keeps everything."""
     api_key: str | None = field(default=None, repr=False)
     """Required on prediction routes when set (header X-API-Key or Authorization: Bearer)."""
     admin_token: str | None = field(default=None, repr=False)
