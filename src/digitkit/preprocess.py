@@ -64,6 +64,8 @@ _NOISE_RATIO = 4.0  # "empty" when the ink is not this many noise standard devia
 _LOWRES_SIDE = 64  # the lighting is fitted on a block-averaged copy this size: ink blurs, lighting does not
 _POLARITY_SIDE = 256  # polarity statistics on a block-averaged copy: averages out pixel noise and salt/pepper
 _THICKEN_BELOW_SCALE = 0.75  # only digits shrunk this much get thickened: MNIST-sized input stays as it is
+_FLAT_RETRY_SIDE = 256  # images up to this size a side are read again with a flat background when needed (_ink)
+_TINY_SIDE = 24  # images with a shorter side are enlarged before the ink is looked for (28x28 MNIST input is not)
 _STRAY_GAP = 0.3  # a small component further than this x the digit's size from it is a stray mark, not a part
 
 
@@ -358,7 +360,49 @@ class _Components:
 
 
 def _ink(gray: np.ndarray, cfg: PreprocessConfig) -> tuple[np.ndarray, np.ndarray, _Components, dict[str, Any]]:
-    """Like ink_image, plus the kept components."""
+    """Like ink_image, plus the kept components.
+
+    Removing the lighting assumes the paper is most of the image. When the digit covers most of it instead (a tight
+    crop, a thumbnail scaled up) the fitted "lighting" rises into the strokes and eats them: if, in an image of at
+    most _FLAT_RETRY_SIDE px a side, the first pass finds no ink or finds the digit covering most of the image, the
+    image is read again with one constant background level, and that reading is kept when it finds the ink more
+    clearly (a higher contrast over noise)."""
+    out = _ink_once(gray, cfg, cfg.remove_lighting)
+    record = out[3]
+    # Only small images: a crop of a form field or a thumbnail, where a lighting gradient is rare and the digit
+    # fills the frame. In a photo a flat reading would take shadows and vignetting for ink.
+    small = max(gray.shape) <= _FLAT_RETRY_SIDE
+    if cfg.remove_lighting and small and (record["rejected"] or record.get("noise", {}).get("from") != "median"):
+        flat = _ink_once(gray, cfg, False)
+        if not flat[3]["rejected"] and (record["rejected"] or _clarity(flat[3]) > _clarity(record)):
+            first = record["rejected"] or f"contrast over noise {_clarity(record):.2f}"
+            flat[3]["lighting"]["why"] = ("kept one background level: removing the lighting found the ink less "
+                                          f"clearly ({first} against {_clarity(flat[3]):.2f})")
+            return flat
+    return out
+
+
+def _enlarge_tiny(gray: np.ndarray) -> tuple[np.ndarray, int]:
+    """An image under _TINY_SIDE px a side (a thumbnail, a digit cut from a low-dpi form), enlarged smoothly by a
+    whole factor to about 2x that: at 8-20 px every stroke edge is a large share of the pixels, so the noise level,
+    the background and the speck sizes read from it are wrong, and a clean digit was judged empty."""
+    h, w = gray.shape
+    if min(h, w) >= _TINY_SIDE:
+        return gray, 1
+    k = math.ceil(2 * _TINY_SIDE / max(min(h, w), 1))
+    k = max(1, min(k, 4096 // max(h, w, 1)))
+    if k <= 1:
+        return gray, 1
+    return np.clip(_resize(gray, w * k, h * k, Image.Resampling.BICUBIC), 0.0, 1.0), k
+
+
+def _clarity(record: dict[str, Any]) -> float:
+    th = record.get("threshold", {})
+    return th.get("contrast", 0.0) / max(th.get("noise_sigma", 0.0), 0.01)
+
+
+def _ink_once(gray: np.ndarray, cfg: PreprocessConfig, remove_lighting: bool
+              ) -> tuple[np.ndarray, np.ndarray, _Components, dict[str, Any]]:  # fmt: skip
     h, w = gray.shape
     record: dict[str, Any] = {"rejected": None}
     small = _block_mean(gray, _POLARITY_SIDE)
@@ -366,15 +410,13 @@ def _ink(gray: np.ndarray, cfg: PreprocessConfig) -> tuple[np.ndarray, np.ndarra
     x = 1.0 - gray if light_background else gray  # ink-positive: the ink is now the bright part
     x_small = 1.0 - small if light_background else small
 
-    b, record["lighting"] = _background(_block_mean(x_small, _LOWRES_SIDE), (h, w), cfg.remove_lighting)
+    b, record["lighting"] = _background(_block_mean(x_small, _LOWRES_SIDE), (h, w), remove_lighting)
     # For pen on paper this is 1 - I / B: the ink's reflectance relative to the local paper, which is what makes
     # a shadowed stroke as black as a lit one. For light-on-dark it is the rise above the local background.
     f = (x - b) / np.maximum(1.0 - b, 0.1)
 
     sample = f[:: max(1, h // 256), :: max(1, w // 256)]
-    med = float(np.median(sample))
-    # The noise from the lower half of the distribution only: ink is all on the upper side.
-    sigma = max(med - float(np.percentile(sample, 15.87)), 0.0)
+    med, sigma, record["noise"] = _background_level(f, sample)
     t, t_low = _thresholds(f, med, sigma, cfg)
     strong = f > t
     contrast = float(np.percentile(f[strong], 90)) - med if strong.any() else 0.0
@@ -415,6 +457,38 @@ def _ink(gray: np.ndarray, cfg: PreprocessConfig) -> tuple[np.ndarray, np.ndarra
     labels[r] = lab
     record["ink"] = {"floor": round(floor, 4), "peak": round(peak, 4)}
     return ink, mask, _Components(labels, np.where(keep, area, 0), boxes), record
+
+
+def _background_level(f: np.ndarray, sample: np.ndarray) -> tuple[float, float, dict[str, Any]]:
+    """(background level, noise sigma, record) of the ink-positive image `f`.
+
+    Usually the background is most of the image: its level is the median and its noise the spread of the lower
+    half (ink is all on the upper side). A digit cropped tight, or small and blurred (a thumbnail scaled up, a
+    low-dpi form field), covers so much of its image that the median and the lower half fall on the soft strokes:
+    the spread read as noise is then the ink itself, and the digit was judged "empty". The pixel noise read from
+    neighbouring pixels (the median absolute difference along rows, which strokes barely touch) tells the two
+    apart: when the lower-half spread is far above it, the level and noise come from Otsu's background class. Only
+    in images of at most _FLAT_RETRY_SIDE px a side (crops, thumbnails, form fields): in a photo, smooth texture and
+    shading would pass for a covering digit."""
+    med = float(np.median(sample))
+    sigma = max(med - float(np.percentile(sample, 15.87)), 0.0)
+    if max(f.shape) > _FLAT_RETRY_SIDE:  # a photo or a page: its texture and shading would pass for a covering digit
+        return med, sigma, {"level": round(med, 4), "from": "median"}
+    rows = f[:: max(1, f.shape[0] // 256)]
+    diffs = np.abs(rows[:, 1:] - rows[:, :-1]) if rows.shape[1] > 1 else np.zeros(1, np.float32)
+    pixel_noise = 1.4826 * float(np.median(diffs)) / math.sqrt(2)
+    if sigma <= 3.0 * pixel_noise + 0.02:
+        return med, sigma, {"level": round(med, 4), "from": "median"}
+    background = sample[sample <= _otsu(sample)]
+    # Texture and shading also spread the lower half of a photo; what marks a digit covering the image is that the
+    # upper class (the ink, its halo) is a large share of it: a quarter or more, where a digit on a page is a few %.
+    if not 0.1 * sample.size <= background.size <= 0.75 * sample.size:
+        return med, sigma, {"level": round(med, 4), "from": "median"}
+    level = float(np.median(background))
+    spread = max(level - float(np.percentile(background, 15.87)), pixel_noise)
+    return level, spread, {"level": round(level, 4), "from": "otsu background class",
+                           "why": f"the lower half spreads {sigma:.3f}, far above the pixel noise {pixel_noise:.3f}: "
+                                  "the digit covers most of the image"}  # fmt: skip
 
 
 def grow(mask: np.ndarray) -> np.ndarray:
@@ -480,11 +554,13 @@ def _background(z: np.ndarray, shape: tuple[int, int], remove_lighting: bool) ->
             break
         y = clipped
     coef = pinv @ y
+    ink_share = 0.0
     for _ in range(2):
         resid = target - design @ coef
         low = resid[resid <= np.median(resid)]
         sigma = max(1.4826 * float(np.median(np.abs(low - np.median(low)))), 0.005)
         ink = (resid > np.median(resid) + 3 * sigma).reshape(zh, zw)
+        ink_share = float(ink.mean())
         keep = ~grow(ink).ravel()
         if keep.sum() < max(len(powers) * 3, 0.2 * target.size):
             keep = ~ink.ravel()  # thick ink in a small image: exclude the ink, not its neighbours too
@@ -505,7 +581,7 @@ def _background(z: np.ndarray, shape: tuple[int, int], remove_lighting: bool) ->
     b = np.clip(vpow @ c.astype(np.float32) @ upow.T, 0.0, 0.95)
     fit = np.clip(design @ coef, 0.0, 0.95)
     return b, {"removed": True, "background_min": round(float(fit.min()), 4),
-               "background_max": round(float(fit.max()), 4)}
+               "background_max": round(float(fit.max()), 4), "ink_share": round(ink_share, 4)}
 
 
 @functools.lru_cache(maxsize=64)
@@ -790,9 +866,13 @@ def preprocess(image: Any, cfg: PreprocessConfig | None = None) -> Preprocessed:
     """
     cfg = cfg or PreprocessConfig()
     gray, info = _load(image, cfg.max_side)
+    gray, enlarged = _enlarge_tiny(gray)
     h, w = gray.shape
     work_scale = w / info["width"] if "width" in info else 1.0
     ink, mask, comps, record = _ink(gray, cfg)
+    if enlarged > 1:
+        record["enlarged"] = {"factor": enlarged, "why": f"the image is under {_TINY_SIDE} px a side: its noise, "
+                              "background and specks are judged on a smooth enlargement"}  # fmt: skip
     record = {"input": info, "work_size": [w, h], **record}
     zeros = torch.zeros(1, cfg.size, cfg.size)
     if record["rejected"]:
