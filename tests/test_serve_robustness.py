@@ -76,11 +76,11 @@ def digits(mnist_train, n: int) -> list[np.ndarray]:
     return [mnist_train.images[i, 0].numpy() for i in range(n)]
 
 
-def metric_total(text: str, name: str, route: str) -> float:
-    """Sum of `name` samples with route=`route` (all status codes) in Prometheus text."""
+def metric_total(text: str, name: str, **labels: str) -> float:
+    """Sum of the `name` samples in Prometheus text whose labels include `labels` (e.g. route="/v1/predict")."""
     total = 0.0
     for line in text.splitlines():
-        if line.startswith(name + "{") and f'route="{route}"' in line:
+        if line.startswith((name + "{", name + " ")) and all(f'{k}="{v}"' in line for k, v in labels.items()):
             total += float(line.rsplit(" ", 1)[1])
     return total
 
@@ -282,7 +282,7 @@ def test_two_workers_share_one_audit_log_and_one_metrics_view(mnist_small_run: P
         scraped = []
         for _ in range(6):
             text = httpx.get(server.url + "/metrics", headers={"Connection": "close"}, timeout=10).text
-            scraped.append(metric_total(text, "digitkit_requests_total", "/v1/predict"))
+            scraped.append(metric_total(text, "digitkit_requests_total", route="/v1/predict"))
         assert scraped == [sent] * len(scraped), f"sent {sent}, /metrics said {scraped}; per worker {by_worker}"
         with httpx.Client(base_url=server.url, headers={"X-Admin-Token": ADMIN_TOKEN}) as c:
             stats = c.get("/v1/admin/audit/stats")
@@ -442,13 +442,7 @@ class Prober:
 
 
 def metric(server: Server, name: str, **labels: str) -> float:
-    text = httpx.get(server.url + "/metrics", timeout=10).text
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            if all(f'{k}="{v}"' in line for k, v in labels.items()):
-                total += float(line.rsplit(" ", 1)[1])
-    return total
+    return metric_total(httpx.get(server.url + "/metrics", timeout=10).text, name, **labels)
 
 
 def lag_over(server: Server, seconds: float) -> float:

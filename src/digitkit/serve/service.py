@@ -156,8 +156,7 @@ class Loaded:
         if stored is not None:
             return stored
         baseline = _reference_baseline(opened, self.recognizer)
-        if baseline.measured:  # a fallback is never stored: the next start or reload that finds the data measures it
-            save_baseline(baseline, self.model_dir, sha)
+        save_baseline(baseline, self.model_dir, sha)  # a fallback is never stored (save_baseline refuses it)
         return baseline
 
 
