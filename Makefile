@@ -1,4 +1,4 @@
-# `make demo`: train the default recipe on MNIST and report test accuracy. `make test`: the test suite.
+# `make demo`: train the recipe to serve (configs/realworld.yaml) on MNIST and report test accuracy. `make test`: the test suite.
 # Both create .venv and install into it; torch is pinned and installed first (a CPU wheel; an unpinned
 # torch would pull a multi-GB CUDA build).
 PYTHON ?= python3
@@ -19,7 +19,7 @@ $(VENV)/.dev-installed: $(VENV)/.installed
 	touch $@
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/digitkit train --config configs/default.yaml --progress
+	$(VENV)/bin/digitkit train --config configs/realworld.yaml --progress
 
 test: $(VENV)/.dev-installed
 	$(PY) -m pytest -q

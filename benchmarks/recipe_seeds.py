@@ -7,7 +7,10 @@ mean +- std (sample std, n = number of seeds) and writes JSON.
     python benchmarks/recipe_seeds.py [--config configs/default.yaml] [--seeds 0 1 2] [--out FILE] [--keep DIR]
 
 --keep DIR keeps each run folder as DIR/seed-N (for `digitkit evaluate` or `digitkit ensemble` later); without it
-the runs are written to a temporary folder and deleted.
+the runs are written to a temporary folder and deleted. --runs RUN... reads runs already trained with the config
+instead (each run's stored config must be the config at its seed, apart from data.dir, train.threads and the
+inference settings, which training does not read; the time
+is then the run's own total, as measured while it trained).
 """
 
 from __future__ import annotations
@@ -34,7 +37,10 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", help="JSON file (default: benchmarks/results/seeds-<config name>.json)")
     p.add_argument("--keep", metavar="DIR", help="keep the run folders as DIR/seed-N")
+    p.add_argument("--runs", nargs="+", metavar="RUN", help="summarise these finished runs of the config instead")
     args = p.parse_args()
+    if args.runs:
+        args.seeds = []
 
     name = Path(args.config).stem
     rows = []
@@ -51,6 +57,19 @@ def main() -> None:
         rows.append({"seed": seed, **row, "wall_seconds": round(wall, 1), **kept})
         print(f"{seed:>4d} {s['epochs']:>6d} {s['best_epoch']:>4d} {100 * s['val_accuracy']:>7.2f} "
               f"{100 * s['test_accuracy']:>7.2f} {s['train_seconds']:>8.1f} {wall:>8.1f}", flush=True)  # fmt: skip
+
+    for run in args.runs or []:
+        s = json.loads((Path(run) / "summary.json").read_text())
+        stored = config.to_dict(config.load(Path(run) / "config.yaml"))
+        wanted = config.to_dict(config.load(args.config, [*args.set, f"seed={stored['seed']}"]))
+        for d in (stored, wanted):
+            d["data"].pop("dir"), d["train"].pop("threads"), d.pop("inference")  # what training does not read
+        if stored != wanted:
+            raise SystemExit(f"{run}: trained with another config than {args.config} at seed {stored['seed']}")
+        row = {k: s[k] for k in ("epochs", "best_epoch", "val_accuracy", "test_accuracy", "train_seconds")}
+        rows.append({"seed": s["seed"], **row, "wall_seconds": s["total_seconds"], "run_dir": str(run)})
+        print(f"{s['seed']:>4d} {s['epochs']:>6d} {s['best_epoch']:>4d} {100 * s['val_accuracy']:>7.2f} "
+              f"{100 * s['test_accuracy']:>7.2f} {s['train_seconds']:>8.1f} {s['total_seconds']:>8.1f}")
 
     def mean_std(key: str) -> tuple[float, float]:
         values = [r[key] for r in rows]

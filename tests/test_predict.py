@@ -132,9 +132,11 @@ def test_read_a_row_of_digits(mnist_small_run, mnist_test, tmp_path, capsys):
     code, out, _ = run_cli(capsys, "read", "--model", mnist_small_run, path, "--pattern", "[0-9]{5}",
                            "--reject-below", "0")  # fmt: skip
     assert code == 1 and "DOES NOT MATCH" in out
-    code, out, _ = run_cli(capsys, "read", "--model", mnist_small_run, path, "--json", "--reject-below", "0.999")
+    # A threshold above every confidence shown (calibrated confidences of clear digits pass 0.999) rejects them all.
+    above = min(1.0, max(d["confidence"] for d in r["digits"]) + 1e-6)
+    code, out, _ = run_cli(capsys, "read", "--model", mnist_small_run, path, "--json", "--reject-below", str(above))
     unsure = json.loads(out)
-    assert unsure["text"] == "????" and not unsure["complete"]
+    assert above < 1.0 and unsure["text"] == "????" and not unsure["complete"]
     assert [d["predicted"] for d in unsure["digits"]] == [d["digit"] for d in r["digits"]]
     code, _, err = run_cli(capsys, "read", "--model", mnist_small_run, path, "--pattern", "[0-9")
     assert code == 2 and "not a valid regular expression" in err
@@ -158,3 +160,31 @@ def test_explain_an_image_file_goes_through_the_same_preprocess(mnist_small_run,
     blank = save(tmp_path / "blank.png", np.full((200, 200), 250, np.uint8))
     code, _, err = run_cli(capsys, "explain", mnist_small_run, "--image", blank)
     assert code == 2 and "rejected as 'empty'" in err
+
+
+def test_the_model_chooses_among_candidate_readings_in_one_batch(mnist_small_run, mnist_test):
+    rec = Recognizer.open(mnist_small_run)
+    digit = mnist_test.images[0].float() / 255
+    wrong = 1.0 - digit  # the other polarity: a white page with a dark digit, nothing like MNIST
+    calls = []
+    probs = rec.probs
+    rec.probs = lambda x: calls.append(len(x)) or probs(x)  # count forward passes and their batch sizes
+    pres = [preprocess.Preprocessed(wrong, None, {"input_kind": "scan"}, candidates=[("other", digit)]),
+            preprocess.Preprocessed(digit, None, {"input_kind": "clean"})]
+    first, second = rec.answers(pres)
+    assert calls == [3]  # both images and the extra reading: one forward pass
+    assert first.digit == str(int(mnist_test.labels[0])) and first.record["reading"]["chosen"] == "other"
+    assert set(first.record["reading"]["confidence"]) == {"first", "other"}
+    assert torch.equal(first.x, digit)  # the answer shows the reading that answered
+    assert "reading" not in second.record and second.to_json()["input_kind"] == "clean"
+
+
+def test_predict_json_says_what_kind_of_input_it_saw(mnist_small_run, mnist_test, tmp_path, capsys):
+    canvas = np.zeros((280, 280, 4), np.uint8)
+    big = np.asarray(Image.fromarray(mnist_test.images[1, 0].numpy()).resize((280, 280)))
+    canvas[..., 3] = big
+    photo = synth.photo(mnist_test.images[2, 0].numpy(), np.random.default_rng(2))
+    paths = [save(tmp_path / "canvas.png", canvas), save(tmp_path / "photo.png", photo)]
+    code, out, _ = run_cli(capsys, "predict", "--model", mnist_small_run, *paths, "--json")
+    kinds = [json.loads(line)["input_kind"] for line in out.splitlines()]
+    assert code == 0 and all(k in preprocess.INPUT_KINDS for k in kinds) and kinds[0] == "canvas", kinds

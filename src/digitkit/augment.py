@@ -222,20 +222,30 @@ class Blur(_Op):
         self._ordered("sigma_min", "sigma_max")
 
 
+UPSAMPLE_MODES = ("bilinear", "bicubic", "nearest", "mixed")
+
+
 @dataclass
 class LowRes(_Op):
-    """Down-sample to a side drawn uniformly from [min_size, max_size] pixels, then back up (bilinear): a tiny
-    digit in a photo or a coarse scan, enlarged by preprocessing."""
+    """Down-sample to a side drawn uniformly from [min_size, max_size] pixels, then back up: a tiny digit in a
+    photo or a coarse scan, enlarged by preprocessing (on 28x28 MNIST, whose digits fill 20 px, a side of 11 leaves
+    a digit 8 px tall). `upsample` is how it comes back: bilinear (a smooth enlargement), bicubic (sharper, with
+    overshoot), nearest (blocky, as a fax or a pixel-art thumbnail is enlarged), or mixed (each image one of the
+    three: bilinear half the time, the others a quarter each)."""
 
     p: float = 0.0
     min_size: int = 10
     max_size: int = 18
+    upsample: str = "bilinear"
     key: ClassVar[str] = "lowres"
 
     def _check(self) -> None:
         if self.min_size < 2 or self.max_size < self.min_size:
             _fail("augment.lowres", f"{self.min_size}..{self.max_size}", "2 <= min_size <= max_size",
                   "e.g. min_size: 10, max_size: 18 for 28x28 digits")
+        if self.upsample not in UPSAMPLE_MODES:
+            _fail("augment.lowres.upsample", self.upsample, f"one of {', '.join(UPSAMPLE_MODES)}",
+                  "mixed draws one of the others per image")
 
 
 @dataclass
@@ -570,10 +580,16 @@ def augment_batch(
     lr = cfg.lowres
     if lr.p > 0 and len(i := _pick(b, lr.p, gen, dev)):
         side = torch.randint(lr.min_size, lr.max_size + 1, (len(i),), generator=gen, device=_draw_device(gen, dev))
-        for s in side.unique().tolist():  # one resize per drawn size, not per sample
-            j = i[(side == s).to(dev)]
+        if lr.upsample == "mixed":  # 0, 1: bilinear; 2: bicubic; 3: nearest
+            mode = torch.randint(0, 4, (len(i),), generator=gen, device=_draw_device(gen, dev)).clamp(min=1) - 1
+        else:
+            mode = torch.full((len(i),), ("bilinear", "bicubic", "nearest").index(lr.upsample))
+        for s, m in torch.stack([side.cpu(), mode.cpu()], 1).unique(dim=0).tolist():  # one resize per kind drawn
+            j = i[((side.cpu() == s) & (mode.cpu() == m)).to(dev)]
             small = F.interpolate(out[j], size=(s, s), mode="area") if s < h else out[j]
-            out[j] = F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
+            how = ("bilinear", "bicubic", "nearest")[m]
+            kw = {"align_corners": False} if how != "nearest" else {}
+            out[j] = F.interpolate(small, size=(h, w), mode=how, **kw)
 
     ct = cfg.contrast
     if ct.p > 0 and len(i := _pick(b, ct.p, gen, dev)):

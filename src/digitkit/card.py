@@ -226,6 +226,11 @@ def _robustness(ev: dict[str, Any], run_arg: str) -> list[str]:
     if cal:
         lines.append(f"- Calibration: expected calibration error {_pct(cal.get('ece'))} (maximum "
                      f"{_pct(cal.get('mce'))}).")  # fmt: skip
+    ts = ev.get("temperature_scaling") or {}
+    if ts:
+        lines.append(f"- Temperature scaling: confidence is softmax(logits / T), T = {ts.get('temperature')} "
+                     f"({ts.get('fitted_on', 'fitted on validation')}); ECE {_pct(ts.get('ece_before'))} with the "
+                     "raw softmax (T = 1).")  # fmt: skip
     rej = ev.get("rejection_at_config")
     if rej:
         lines.append(f"- At the rejection threshold {rej['threshold']}: {_pct(rej['coverage'])} answered, "

@@ -53,6 +53,8 @@ class Answer:
     def to_json(self, **extra: Any) -> dict[str, Any]:
         out = {**extra, **{f.name: getattr(self, f.name) for f in fields(self) if f.name != "x"}}
         out["top_k"] = [{"digit": d, "probability": p} for d, p in self.top_k]
+        if "input_kind" in self.record:  # what preprocessing took the image for (clean, canvas, photo, scan)
+            out["input_kind"] = self.record["input_kind"]
         return out
 
 
@@ -62,15 +64,22 @@ class Recognizer:
     `engine`, when given, computes the probabilities instead of `model`: any object with `probs(x) -> (B, K)`, such
     as an exported ONNX file (digitkit.engine.OnnxModel). `model` may then be None, or the same checkpoint's PyTorch
     model, kept for what needs gradients (explanations).
+
+    `temperature` (the checkpoint's calibration, digitkit.calibration) divides `model`'s logits before the
+    softmax, so the confidence shown and the rejection threshold are on the calibrated scale. An engine's
+    probabilities are used as they are: an ONNX export holds the division by T inside its graph.
     """
 
     def __init__(self, model: nn.Module | None, classes: list[str], inference: InferenceConfig | None = None,
                  preprocess_cfg: PreprocessConfig | None = None, device: str | torch.device = "cpu",
-                 engine: Any = None) -> None:  # fmt: skip
+                 engine: Any = None, temperature: float = 1.0) -> None:  # fmt: skip
+        from digitkit.calibration import check_temperature
+
         if model is None and engine is None:
             raise ValueError("Recognizer needs a model or an engine")
         self.model = model.eval().to(device) if model is not None else None
         self.engine = engine
+        self.temperature = check_temperature(temperature)
         self.classes = list(classes)
         self.inference = inference or InferenceConfig()
         self.preprocess_cfg = preprocess_cfg or PreprocessConfig()
@@ -78,17 +87,21 @@ class Recognizer:
 
     @classmethod
     def open(cls, path: str | Path, cfg: Config | None = None) -> Recognizer:
-        """From a run folder or checkpoint file; its stored config (or `cfg`) says how to preprocess and answer."""
+        """From a run folder or checkpoint file; its stored config (or `cfg`) says how to preprocess and answer, and
+        its temperature (1.0 for a checkpoint from before calibration) how to turn logits into confidence."""
         from digitkit import runs
+        from digitkit.calibration import temperature_of
 
         opened = runs.open_model(path)
         cfg = cfg or opened.cfg
-        return cls(opened.model, opened.ckpt["classes"], cfg.inference, cfg.preprocess)
+        return cls(opened.model, opened.ckpt["classes"], cfg.inference, cfg.preprocess,
+                   temperature=temperature_of(opened.ckpt))  # fmt: skip
 
     # ------------------------------------------------------------------------------------------ core
     def probs(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, 1, 28, 28) float in [0, 1] -> probabilities (B, K), with the noise defence when it is on (its
-        noise is shared by every image, so an answer never depends on the rest of the batch)."""
+        """x (B, 1, 28, 28) float in [0, 1] -> calibrated probabilities (B, K): softmax(logits / temperature), with
+        the noise defence when it is on (its noise is shared by every image, so an answer never depends on the rest
+        of the batch)."""
         if len(x) == 0:
             return torch.zeros(0, len(self.classes))
         inf = self.inference
@@ -101,24 +114,46 @@ class Recognizer:
             x = x.float()
             return sum(self.engine.probs((x + inf.noise_defence_sigma * n).clamp(0, 1)) for n in noise) / len(noise)
         if inf.noise_defence_sigma > 0:
-            return predict_probs(self.model, x, inf.noise_defence_sigma, inf.noise_defence_samples, device=self.device)
+            return predict_probs(self.model, x, inf.noise_defence_sigma, inf.noise_defence_samples, device=self.device,
+                                 temperature=self.temperature)  # fmt: skip
         # The plain path, without predict_probs' per-call train/eval bookkeeping: the model stays in eval mode
         # from __init__, and a server calls this once per image, where that bookkeeping would double the time.
         with torch.inference_mode():
-            return torch.cat([self.model(chunk.to(self.device).float()).float().softmax(1).cpu()
+            return torch.cat([self.model(chunk.to(self.device).float()).float().div(self.temperature).softmax(1).cpu()
                               for chunk in x.split(1000)])  # fmt: skip
 
     def answers(self, pres: list[Preprocessed], top_k: int = 3) -> list[Answer]:
-        """One Answer per preprocessed image, rejections included."""
-        keep = [i for i, p in enumerate(pres) if not p.rejected]
-        probs = self.probs(torch.stack([pres[i].tensor for i in keep])) if keep else None
+        """One Answer per preprocessed image, rejections included.
+
+        When preprocessing was unsure how to read an image it offers `candidates` (other normalizations, such as
+        the other polarity): every reading of every image goes through the model in one batch, and the reading the
+        model is most confident of answers (record["reading"] says which, and the confidence of each)."""
+        rows: list[torch.Tensor] = []
+        readings: dict[int, list[tuple[str, int]]] = {}  # image -> [(reading name, row in the batch)]
+        for i, pre in enumerate(pres):
+            if pre.rejected:
+                continue
+            readings[i] = [("first", len(rows))]
+            rows.append(pre.tensor)
+            for name, tensor in getattr(pre, "candidates", ()):
+                if torch.equal(tensor, pre.tensor):
+                    readings[i][0] = (name, readings[i][0][1])  # the first reading under its own name
+                    continue
+                readings[i].append((name, len(rows)))
+                rows.append(tensor)
+        probs = self.probs(torch.stack(rows)) if rows else None
         out: list[Answer] = []
-        row = {i: j for j, i in enumerate(keep)}
         for i, pre in enumerate(pres):
             if pre.rejected:
                 out.append(Answer(None, 0.0, [], pre.rejected, record=pre.record, x=pre.tensor))
                 continue
-            out.append(self._decide(probs[row[i]], pre.tensor, pre.record, top_k))
+            options = readings[i]
+            best_name, best_row = max(options, key=lambda o: float(probs[o[1]].max()))  # the first wins ties
+            record = pre.record
+            if len(options) > 1:
+                record = {**record, "reading": {"chosen": best_name, "why": "the reading the model is surest of",
+                                                "confidence": {n: round(float(probs[r].max()), 6) for n, r in options}}}
+            out.append(self._decide(probs[best_row], rows[best_row], record, top_k))
         return out
 
     def _decide(self, p: torch.Tensor, x: torch.Tensor, record: dict[str, Any], top_k: int) -> Answer:

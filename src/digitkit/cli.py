@@ -539,6 +539,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--progress", action="store_true", help="show the progress bar (with ETA) even when not on a "
                     "terminal")  # fmt: skip
     ev.set_defaults(func=cmd_evaluate)
+    ca = sub.add_parser("calibrate", help="fit a run's temperature on its validation split and store it",
+                        description="Fit the temperature T that makes the shown confidence match accuracy "
+                        "(softmax(logits / T), minimising the log loss on the run's validation split; never the test "
+                        "set) and store it in the run's checkpoint. New runs are calibrated when training ends; "
+                        "this is for older runs. Re-export ONNX files afterwards.")  # fmt: skip
+    ca.add_argument("run", metavar="RUN", help="run folder (its best checkpoint) or a checkpoint file")
+    ca.add_argument("--data-dir", help="folder with the IDX files (default: the run's data.dir)")
+    ca.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    ca.set_defaults(func=cmd_calibrate)
 
     xp = sub.add_parser("explain", help="saliency, SmoothGrad, integrated gradients or Grad-CAM for one image")
     xp.add_argument("run", metavar="RUN", help="run folder or checkpoint file")
@@ -663,6 +672,18 @@ def build_parser() -> argparse.ArgumentParser:
     aup.add_argument("--dry-run", action="store_true", help="count what would be deleted; delete nothing")
     aup.add_argument("--json", action="store_true", help="print one JSON object")
     aup.set_defaults(func=cmd_audit_prune)
+    # --- negatives parser (anchor: owned by the real-world rejection work)
+    ng = sub.add_parser("negatives", help="non-digits for training the rejection (outlier exposure)")
+    ngsub = ng.add_subparsers(dest="negatives_command", required=True, metavar="ACTION")
+    ngb = ngsub.add_parser("build", help="draw non-digits with digitkit.synth, preprocess them, write an IDX folder")
+    ngb.add_argument("--out", required=True, metavar="DIR", help="folder to write (data/negatives ships one)")
+    ngb.add_argument("--n", type=_positive, default=8000, help="non-digits to draw (default 8000); the ones "
+                     "preprocessing refuses (blank pages) are left out")  # fmt: skip
+    ngb.add_argument("--seed", type=int, default=0, help="seed within the training negatives' own stream")
+    ngb.add_argument("--workers", type=_positive, default=1, help="processes (default 1)")
+    ngb.add_argument("--data-dir", default="data/mnist", metavar="DIR",
+                     help="MNIST folder for partial and doubled digits (training images only)")  # fmt: skip
+    ngb.set_defaults(func=cmd_negatives_build)
     # --- export parser (anchor: owned by the export work)
     xo = sub.add_parser("export", help="export a run to ONNX (fp32 or int8), checked against PyTorch on the test set")
     xo.add_argument("run", metavar="RUN", help="run folder or checkpoint file")
@@ -732,6 +753,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     import torch
 
     from digitkit import report, runs
+    from digitkit.calibration import temperature_of
     from digitkit.evaluate import EvalOptions, evaluate_model
     from digitkit.train import pick_device
 
@@ -758,9 +780,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     progress = StageProgress("evaluate") if sys.stderr.isatty() or args.progress else None
+    temperature = temperature_of(opened.ckpt)
     ev = evaluate_model(opened.model, ds.images, ds.labels, ds.classes, opts, inference=cfg.inference,
                         augment_cfg=cfg.augment, history=opened.history, slices=slices,
-                        device=pick_device(cfg.train.device), progress=progress)  # fmt: skip
+                        device=pick_device(cfg.train.device), progress=progress,
+                        temperature=temperature)  # fmt: skip
+    ev.results["temperature_scaling"]["fitted_on"] = (opened.ckpt.get("calibration") or {}).get(
+        "source", "not fitted: the checkpoint predates calibration (run `digitkit calibrate RUN`)")
     base = opened.run_dir if opened.run_dir is not None else opened.checkpoint_path.parent
     out = Path(args.out) if args.out else base / "eval" / args.split
     name = opened.run_dir.name if opened.run_dir is not None else opened.checkpoint_path.name
@@ -781,6 +807,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return 0
     print(f"{info['title']}: accuracy {100 * r['accuracy']:.2f}% ({r['errors']} errors of {r['n']:,}), "
           f"macro F1 {r['macro_f1']:.4f}, log loss {r['log_loss']:.4f}, ECE {100 * r['calibration']['ece']:.2f}%")
+    ts = r["temperature_scaling"]
+    print(f"  calibration: temperature T = {ts['temperature']:.4g} [{ts['fitted_on']}]; ECE "
+          f"{100 * ts['ece_before']:.2f}% raw (T = 1) -> {100 * ts['ece_after']:.2f}%, log loss "
+          f"{ts['log_loss_before']:.4f} -> {ts['log_loss_after']:.4f}")  # fmt: skip
     if "corruption_summary" in r:
         cs = r["corruption_summary"]
         aug = r["robustness"].get("augmented")
@@ -797,6 +827,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if "diagnosis" in r:
         print(f"  diagnosis: {r['diagnosis']['verdict']}: {'; '.join(r['diagnosis']['reasons'][:2])}")
     print(f"  report: {files['report_html']}")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from digitkit import runs
+
+    result = runs.calibrate_run(args.run, args.data_dir)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"{result['checkpoint']}: temperature T = {result['temperature']:.4g}, fitted on the {result['source']}; "
+          f"there ECE {100 * result['ece_before']:.2f}% -> {100 * result['ece_after']:.2f}%, log loss "
+          f"{result['nll_before']:.4f} -> {result['nll_after']:.4f}; stored in the checkpoint")  # fmt: skip
+    print(f"  re-export any ONNX file of this run (`digitkit export {args.run} --format onnx`): the old one lacks T")
     return 0
 
 
@@ -839,6 +883,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
     for m in methods:
         mp, probs = explain.attribute(opened.model, x, m, generator=g, model_name=opened.cfg.model.name)
         maps[m] = mp[0].numpy()
+    from digitkit.calibration import temperature_of
+
+    # The confidence shown is calibrated, as predict's: softmax(logits / T) = softmax(log(probs) / T).
+    probs = probs.clamp_min(1e-30).log().div(temperature_of(opened.ckpt)).softmax(1)
     conf, pred = probs[0].max(0)
     base = opened.run_dir or opened.checkpoint_path.parent
     out = Path(args.out) if args.out else base / "explain" / f"{stem}.png"
@@ -1195,6 +1243,21 @@ def print_audit_stats(s: dict[str, Any]) -> None:
     print(f"labelled       {s['labelled']:,}" + (f"; accuracy {pct(acc)} ({s['labelled_correct']:,} of "
                                                  f"{s['labelled_answered']:,} answered)" if acc is not None else ""))
     print(f"model versions {counts(s['model_versions'])}")
+
+
+def cmd_negatives_build(args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    from digitkit.realworld import negatives
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"{out} exists and is not empty; choose a new --out folder (nothing was written)")
+    images, kinds = negatives.build(args.n, args.seed, workers=args.workers, mnist_dir=args.data_dir)
+    negatives.save(out, images, kinds)
+    counts = ", ".join(f"{k} {n}" for k, n in sorted(Counter(kinds).items()))
+    print(f"{len(kinds):,} of {args.n:,} non-digits passed preprocessing and were written to {out}: {counts}")
+    return 0
 
 
 def cmd_audit_prune(args: argparse.Namespace) -> int:
@@ -1618,6 +1681,12 @@ EXAMPLES: dict[str, tuple[str, list[str]]] = {
         "digitkit serve --model runs/latest --port 8000",
         "digitkit serve --model runs/latest --engine onnx --workers 2 --audit-db serve/audit.db",
     ]),  # fmt: skip
+    "negatives": ("data/negatives ships a set of 6,908; configs/realworld.yaml trains with it.", [
+        "digitkit negatives build --out data/my-negatives --n 2000 --workers 2",
+    ]),
+    "negatives build": ("Training with them: train.outlier_weight (0.5) and data.negatives_dir in the config.", [
+        "digitkit negatives build --out data/my-negatives --n 8000 --workers 2",
+    ]),
     "audit": ("DB is a SQLite file or an SQLAlchemy URL (sqlite:///serve/audit.db, postgresql://user@host/db), as "
               "given to `digitkit serve --audit-db`.", [
         "digitkit audit stats --db serve/audit.db --since 24h",
@@ -1631,6 +1700,11 @@ EXAMPLES: dict[str, tuple[str, list[str]]] = {
                      "idx: labelled images only, a folder for `digitkit train --extra-data`.", [
         "digitkit audit export --db serve/audit.db --format csv --out audit.csv",
         "digitkit audit export --db serve/audit.db --format idx --out feedback-idx",
+    ]),  # fmt: skip
+    "calibrate": ("T < 1 sharpens an under-confident model (label smoothing), T > 1 softens an over-confident one; "
+                  "the predicted class never changes.", [
+        "digitkit calibrate runs/latest",
+        "digitkit calibrate runs/latest --json",
     ]),  # fmt: skip
     "export": ("", [
         "digitkit export runs/latest --format onnx",

@@ -42,8 +42,13 @@ class DataConfig:
     """Extra IDX training sets (train-images/train-labels only, same classes and image size), added to the training
     portion only: validation stays the hold-out of `dir` and the test set stays `dir`'s. `digitkit audit export
     --format idx` writes such a folder from the serving feedback; `digitkit train --extra-data DIR` appends here."""
+    negatives_dir: str = ""
+    """An IDX folder of non-digits already brought to 28x28 by `preprocess` (digitkit.realworld.negatives; the
+    shipped one is data/negatives) for outlier exposure (train.outlier_weight). Empty: none."""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.negatives_dir, str):
+            raise ConfigError(f"data.negatives_dir = {self.negatives_dir!r}: expected a folder path, or empty for none")
         if not all(isinstance(d, str) and d for d in self.extra_dirs):
             raise ConfigError(f"data.extra_dirs = {self.extra_dirs!r}: expected a list of folder paths")
         if not 0.0 <= self.val_fraction < 1.0:
@@ -121,6 +126,13 @@ class TrainConfig:
     ema_decay: float = 0.0
     """Exponential moving average of the weights (and batch-norm statistics), updated every step; validation,
     checkpoints and the test figure use the average. 0 turns it off; 0.999 is typical for runs of 10k+ steps."""
+    outlier_weight: float = 0.0
+    """Outlier exposure (Hendrycks et al. 2019, "Deep anomaly detection with outlier exposure"): every batch also
+    holds `outlier_batch` non-digits from data.negatives_dir, augmented like the digits, and the loss adds this
+    weight times their cross-entropy to the uniform distribution, so the model learns to spread its confidence
+    on what is not a digit (and the confidence threshold rejects it). 0 turns it off; 0.5 is the paper's."""
+    outlier_batch: int = 32
+    """Non-digits per batch when outlier_weight > 0 (on top of batch_size digits)."""
 
     def __post_init__(self) -> None:
         _choice("train.optimizer", self.optimizer, OPTIMIZERS)
@@ -131,6 +143,10 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} = {getattr(self, name)}: expected a positive integer")
         if self.lr <= 0:
             raise ConfigError(f"train.lr = {self.lr}: expected a positive learning rate such as 1e-3")
+        if self.outlier_weight < 0 or self.outlier_batch < 1:
+            raise ConfigError(f"train.outlier_weight = {self.outlier_weight}, train.outlier_batch = "
+                              f"{self.outlier_batch}: expected a weight >= 0 (0 is off, 0.5 typical) and a positive "
+                              "number of non-digits per batch")  # fmt: skip
         if self.weight_decay < 0 or not 0 <= self.label_smoothing < 1:
             raise ConfigError("train.weight_decay must be >= 0 and train.label_smoothing in [0, 1)")
         if self.steps_per_epoch < 0:
@@ -183,6 +199,10 @@ class Config:
     the server and the web page prepare input exactly alike. With deskew on, training deskews MNIST too."""
 
     def __post_init__(self) -> None:
+        if self.train.outlier_weight > 0 and not self.data.negatives_dir:
+            raise ConfigError(f"train.outlier_weight = {self.train.outlier_weight} trains on non-digits, but "
+                              "data.negatives_dir is empty; set it (data/negatives ships with digitkit) or set "
+                              "train.outlier_weight: 0")  # fmt: skip
         if self.data.val_fraction == 0:
             needs = {
                 "train.checkpoint_metric=last": self.train.checkpoint_metric == "last",

@@ -66,20 +66,23 @@ def predict_probs(
     seed: int = 0,
     batch_size: int = 256,
     device: torch.device | str = "cpu",
+    temperature: float = 1.0,
 ) -> torch.Tensor:
     """images (N, 1, H, W) uint8 or float in [0, 1] -> probabilities (N, K), as the model answers in use.
 
     With `noise_sigma` > 0 this is the inference-time Gaussian-noise defence: the mean softmax over
     `noise_samples` noisy copies. The noise set is drawn once from `seed` and shared by every image, so an
     image's answer depends on nothing else in the batch (the CLI, a server's cache and evaluate all agree).
+    `temperature` divides the logits before each softmax (the run's calibration, digitkit.calibration).
     """
     if noise_sigma <= 0:
-        return predict_logits(model, images, batch_size, device).softmax(1)
+        return predict_logits(model, images, batch_size, device).div(temperature).softmax(1)
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn((noise_samples, *images.shape[1:]), generator=g).to(device)
 
     def mean_softmax(x: torch.Tensor) -> torch.Tensor:
-        return sum(model((x + noise_sigma * n).clamp_(0, 1)).float().softmax(1) for n in noise) / noise_samples
+        return sum(model((x + noise_sigma * n).clamp_(0, 1)).float().div(temperature).softmax(1)
+                   for n in noise) / noise_samples  # fmt: skip
 
     return _in_batches(model, images, batch_size, device, mean_softmax)
 
@@ -144,6 +147,27 @@ def rejection_curve(probs: torch.Tensor, labels: torch.Tensor, thresholds: tuple
             "correct_rejected": int((correct & ~answered).sum()),
         })  # fmt: skip
     return rows
+
+
+def temperature_scaling(raw: torch.Tensor, probs: torch.Tensor, labels: torch.Tensor, classes: list[str],
+                        temperature: float, results: dict[str, Any], bins: int = 15) -> dict[str, Any]:  # fmt: skip
+    """ECE and log loss of the raw softmax (T = 1, `raw` (N, K)) against the calibrated `probs` (N, K), whose
+    figures are already in `results`; and the share of images whose top class is the same (1.0 without the noise
+    defence: dividing logits by T never changes their argmax)."""
+    from digitkit import metrics
+
+    before = metrics.calibration(raw, labels, bins=bins)
+    return {
+        "temperature": temperature,
+        "ece_before": before["ece"],
+        "ece_after": results["calibration"]["ece"],
+        "mce_before": before["mce"],
+        "mce_after": results["calibration"]["mce"],
+        "log_loss_before": metrics.classification_metrics(labels, raw, classes)["log_loss"],
+        "log_loss_after": results["log_loss"],
+        "accuracy_before": accuracy(raw, labels),
+        "same_predictions": float((raw.argmax(1) == probs.argmax(1)).float().mean()),
+    }
 
 
 # ------------------------------------------------------------------------------------------- full evaluation
@@ -216,12 +240,15 @@ def evaluate_model(
     slices: dict[str, torch.Tensor] | None = None,
     device: torch.device | str = "cpu",
     progress: ProgressFn | None = None,
+    temperature: float = 1.0,
 ) -> Evaluation:
     """Measure a model on (images (N, 1, H, W) uint8, labels (N,)): no files, no printing (report.py writes).
 
     `inference` is the run's InferenceConfig (noise defence, rejection threshold); `augment_cfg` its training
     recipe; `history` its metrics.csv rows (for the diagnosis); `slices` named index sets (MNIST's two writer
-    populations); `progress` hears of each stage (see ProgressFn and work_plan).
+    populations); `progress` hears of each stage (see ProgressFn and work_plan); `temperature` the run's
+    calibration (digitkit.calibration): every probability is softmax(logits / temperature), as the model
+    answers in use, and `temperature_scaling` compares the calibration with the raw softmax (T = 1).
     """
     from digitkit import metrics
 
@@ -239,7 +266,12 @@ def evaluate_model(
         done += plan[name]
 
     stage("clean")
-    probs = predict_probs(model, images, sigma, samples, opts.seed, device=device)
+    if sigma > 0:
+        probs = predict_probs(model, images, sigma, samples, opts.seed, device=device, temperature=temperature)
+        raw = probs if temperature == 1 else predict_probs(model, images, sigma, samples, opts.seed, device=device)
+    else:  # one forward pass gives both the calibrated and the raw probabilities
+        logits = predict_logits(model, images, device=device)
+        probs, raw = logits.div(temperature).softmax(1), logits.softmax(1)
     preds = probs.argmax(1)
     cm = confusion_matrix(labels, preds, len(classes))
     groups = metrics.error_groups(labels, probs)
@@ -252,6 +284,8 @@ def evaluate_model(
         "calibration": metrics.calibration(probs, labels, bins=opts.calibration_bins),
         "rejection": rejection_curve(probs, labels),
     }
+    results["temperature_scaling"] = temperature_scaling(raw, probs, labels, classes, temperature,
+                                                         results, opts.calibration_bins)  # fmt: skip
     threshold = float(getattr(inference, "reject_below_confidence", 0.0))
     if inference is not None:
         row = rejection_curve(probs, labels, (threshold,))[0]
@@ -267,8 +301,8 @@ def evaluate_model(
         cfg = augment_cfg if augment_cfg is not None and augment_cfg.enabled else augment.load_recipe("standard")
         stage("augmented copy")
         x_aug = augment.augmented_copy(images, cfg, opts.seed)
-        acc = accuracy(predict_probs(model, x_aug, sigma, samples, opts.seed, device=device), labels)
-        robust["augmented"] = acc
+        probs_aug = predict_probs(model, x_aug, sigma, samples, opts.seed, device=device, temperature=temperature)
+        robust["augmented"] = accuracy(probs_aug, labels)
         results["augmented_recipe"] = "the run's training recipe" if cfg is augment_cfg else "standard"
     if opts.corruptions:
         from digitkit.corruptions import CORRUPTIONS, corrupt
@@ -276,7 +310,8 @@ def evaluate_model(
         for name in CORRUPTIONS:
             stage(f"corruption {name}")
             x_c = corrupt(images, name, seed=opts.seed)
-            robust[name] = accuracy(predict_probs(model, x_c, sigma, samples, opts.seed, device=device), labels)
+            probs_c = predict_probs(model, x_c, sigma, samples, opts.seed, device=device, temperature=temperature)
+            robust[name] = accuracy(probs_c, labels)
         results["corruption_summary"] = metrics.summarize_robustness({k: robust[k] for k in CORRUPTIONS})
     results["robustness"] = robust
     if opts.adversarial and opts.adversarial_n > 0:

@@ -1,8 +1,9 @@
 """Export a run's model to ONNX (fp32, or int8 by static quantization), checked against PyTorch before it is kept.
 
 The file is self-contained: input `image` float32 (N, 1, 28, 28) in [0, 1] with a dynamic batch axis,
-normalization inside the graph, output `probabilities` (N, K) with the softmax inside the graph (so a consumer needs
-no digitkit and no knowledge of the training statistics), and metadata holding the class names, the preprocessing
+normalization inside the graph, output `probabilities` (N, K) with the calibration (logits divided by the run's
+temperature, see digitkit.calibration) and the softmax inside the graph (so a consumer needs no digitkit and
+no knowledge of the training statistics or calibration), and metadata holding the class names, the preprocessing
 contract, the inference config and the checkpoint's SHA-256 (see digitkit.engine).
 
 Nothing is written unless it passes: the candidate is built in a temporary folder beside the target, run on the
@@ -31,6 +32,7 @@ import torch
 from torch import nn
 
 from digitkit import __version__
+from digitkit.calibration import temperature_of
 from digitkit.config import Config
 from digitkit.engine import DEFAULT_FILE, EXPORT_DIR, FORMAT, INPUT_NAME, OUTPUT_NAME, OnnxModel
 from digitkit.errors import ConfigError, DataError
@@ -102,14 +104,17 @@ class ExportReport:
 
 # --------------------------------------------------------------------------------------------- graph
 class _Probabilities(nn.Module):
-    """The model with its softmax: the file answers in probabilities, like the Recognizer."""
+    """The model with its calibration and softmax: the file answers in softmax(logits / temperature), like the
+    Recognizer. T = 1 (an uncalibrated checkpoint) adds no node."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, temperature: float = 1.0) -> None:
         super().__init__()
         self.model = model
+        self.temperature = float(temperature)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x).softmax(1)
+        logits = self.model(x)
+        return (logits if self.temperature == 1.0 else logits / self.temperature).softmax(1)
 
 
 @contextlib.contextmanager
@@ -127,8 +132,10 @@ def _quiet() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def to_onnx(model: nn.Module, in_chans: int, img_size: int, opset: int, metadata: dict[str, str]) -> bytes:
-    """The serialized ONNX model: (N, C, H, W) in [0, 1] -> probabilities (N, K), batch axis dynamic.
+def to_onnx(model: nn.Module, in_chans: int, img_size: int, opset: int, metadata: dict[str, str],
+            temperature: float = 1.0) -> bytes:  # fmt: skip
+    """The serialized ONNX model: (N, C, H, W) in [0, 1] -> probabilities softmax(logits / temperature) (N, K),
+    batch axis dynamic.
 
     torch.export-based exporter (`dynamo=True`): on torch 2.13 it is the supported path (the TorchScript exporter
     warns that it will be removed) and, with its optimizer on, gives the same clean graph: batch norm folded into
@@ -136,7 +143,7 @@ def to_onnx(model: nn.Module, in_chans: int, img_size: int, opset: int, metadata
     """
     import onnx
 
-    wrapped = _Probabilities(model).eval()
+    wrapped = _Probabilities(model, temperature).eval()
     example = torch.rand(2, in_chans, img_size, img_size)  # batch 2: a batch of 1 could be specialized away
     try:
         with _quiet():
@@ -178,7 +185,9 @@ def metadata(opened: Any, sha: str, precision: str) -> dict[str, str]:
         "checkpoint_sha256": sha,
         "precision": precision,
         "input": f"{INPUT_NAME}: " + INPUT_CONTRACT.format(size=pre.size, box=pre.box),
-        "output": f"{OUTPUT_NAME}: float32 (N, K) softmax over the classes, in the order of `classes`",
+        "output": f"{OUTPUT_NAME}: float32 (N, K) softmax(logits / temperature) over the classes, in the order of "
+                  "`classes`",
+        "temperature": json.dumps(temperature_of(ckpt)),
         "polarity": "white digit (1.0) on black (0.0)",
         "normalization": json.dumps(ckpt.get("normalization") or {}),
         "preprocess": json.dumps(pre.__dict__),
@@ -237,9 +246,9 @@ def quantize(fp32_path: Path, out_path: Path, calibration: torch.Tensor) -> None
         with _quiet():
             # ORT's recommended first step: shape inference and graph optimization, so the quantizer sees fused ops.
             quant_pre_process(str(fp32_path), str(prepared))
-            softmax = [n.name for n in onnx.load(str(prepared)).graph.node if n.op_type == "Softmax"]
+            keep_float = _softmax_and_temperature(onnx.load(str(prepared)))
             quantize_static(str(prepared), str(out_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, nodes_to_exclude=softmax,
+                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, nodes_to_exclude=keep_float,
                             extra_options={"QDQKeepRemovableActivations": True})  # fmt: skip
     finally:
         prepared.unlink(missing_ok=True)
@@ -248,6 +257,20 @@ def quantize(fp32_path: Path, out_path: Path, calibration: torch.Tensor) -> None
     _prune_opset_imports(proto)
     onnx.checker.check_model(proto)
     out_path.write_bytes(proto.SerializeToString())
+
+
+def _softmax_and_temperature(proto: Any) -> list[str]:
+    """Names of the Softmax nodes and of the division by the temperature feeding one (a Div or Mul by a
+    constant): both stay float, so the calibrated probabilities are not rounded to int8 steps."""
+    producer = {out: n for n in proto.graph.node for out in n.output}
+    names = []
+    for node in proto.graph.node:
+        if node.op_type == "Softmax":
+            names.append(node.name)
+            before = producer.get(node.input[0])
+            if before is not None and before.op_type in ("Div", "Mul"):
+                names.append(before.name)
+    return names
 
 
 def _float_gemm_bias(proto: Any) -> None:
@@ -528,7 +551,8 @@ def export_run(run: str | Path, out: str | Path | None = None, options: ExportOp
     ckpt, model = opened.ckpt, opened.model.eval()
     ds, _ = runs.evaluation_data(opened.cfg, "test", data_dir)  # report only: nothing is chosen on it
     images = ds.images.float().div(255)
-    reference = predict_probs(model, ds.images)
+    temperature = temperature_of(ckpt)
+    reference = predict_probs(model, ds.images, temperature=temperature)
     meta = metadata(opened, sha, "fp32")
     out.parent.mkdir(parents=True, exist_ok=True)
     report = ExportReport(
@@ -540,7 +564,7 @@ def export_run(run: str | Path, out: str | Path | None = None, options: ExportOp
     # failure: an interrupted or failed export never leaves a file that looks like a good one.
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.stem}.") as tmp:
         fp32 = Path(tmp) / "fp32.onnx"
-        fp32.write_bytes(to_onnx(model, ckpt["in_chans"], ckpt["img_size"], options.opset, meta))
+        fp32.write_bytes(to_onnx(model, ckpt["in_chans"], ckpt["img_size"], options.opset, meta, temperature))
         fp32_final = Path(tmp) / "fp32.checked.onnx" if options.int8 else out
         report.parity = write_checked(fp32, fp32_final, reference, images, ds.labels, options)
         if options.int8:

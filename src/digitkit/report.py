@@ -96,6 +96,10 @@ def build_blocks(r: dict[str, Any], info: dict[str, Any], files: dict[str, Path]
         f"accuracy **{pct(r['accuracy'])}** ({r['errors']} errors in {r['n']:,} images)",
         f"macro F1 {r['macro_f1']:.4f}, weighted F1 {r['weighted_f1']:.4f}, log loss {r['log_loss']:.4f}",
         f"expected calibration error {pct(cal['ece'])} (maximum {pct(cal['mce'])}, {len(cal['bins'])} bins)",
+        *([f"temperature scaling: T = {ts['temperature']:.4g} ({ts.get('fitted_on', 'fitted on validation')}); "
+           f"ECE {pct(ts['ece_before'])} with the raw softmax (T = 1), {pct(ts['ece_after'])} calibrated; log loss "
+           f"{ts['log_loss_before']:.4f} -> {ts['log_loss_after']:.4f}"]
+          if (ts := r.get("temperature_scaling")) else []),
         *([f"answers with the Gaussian-noise defence, sigma {r['noise_defence_sigma']}"]
           if r["noise_defence_sigma"] else []),
     ]))  # fmt: skip

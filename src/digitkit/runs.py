@@ -75,6 +75,17 @@ def load_extra_sets(cfg: Config, like: data.Dataset) -> list[data.Dataset]:
     return [prepared(data.load_extra(d, like.classes, shape, verify=cfg.data.verify), cfg) for d in cfg.data.extra_dirs]
 
 
+def load_negatives(cfg: Config, shape: tuple[int, int] = (28, 28)) -> torch.Tensor:
+    """The non-digits of data.negatives_dir (outlier exposure; digitkit.realworld.negatives builds such a folder),
+    checksums verified, deskewed like the digits when preprocess.deskew."""
+    folder = Path(cfg.data.negatives_dir)
+    if not folder.is_dir():
+        raise DataError(f"data.negatives_dir = {folder}: no such folder; use the shipped data/negatives, build one "
+                        f"with `digitkit negatives build --out {folder}`, or set train.outlier_weight: 0")  # fmt: skip
+    ds = data.load_extra(folder, data.class_names(folder), shape)  # the digits' image size
+    return deskewed(ds.images) if cfg.preprocess.deskew else ds.images
+
+
 def prepared(ds: data.Dataset, cfg: Config) -> data.Dataset:
     """The data set as the model is trained and measured on: deskewed when `preprocess.deskew` is on, so
     training, validation, test and real-world input (preprocess) all share the same deskew."""
@@ -138,6 +149,7 @@ def train_run(
         extra_sets = load_extra_sets(cfg, train_set)
         train_set = data.concat([train_set, *extra_sets])
         extra_images = sum(len(d) for d in extra_sets)
+    negatives = load_negatives(cfg, tuple(train_set.images.shape[2:])) if cfg.train.outlier_weight > 0 else None
     data_seconds = time.perf_counter() - started
     distributed.check_launch(cfg.train.batch_size, world, custom_step=step_fn is not None)
     resume_state, earlier_seconds = None, 0.0
@@ -174,7 +186,8 @@ def train_run(
         "img_size": img_size,
         "config": config.to_dict(cfg),
     }
-    state = fit(cfg, model, train_set, val_set, run_dir, meta, reporter, resume_state, stop_after_epochs, step_fn)
+    state = fit(cfg, model, train_set, val_set, run_dir, meta, reporter, resume_state, stop_after_epochs, step_fn,
+                negatives)
     if stop_after_epochs is not None and state.epoch < cfg.train.epochs and not state.stopped_early:
         return {"run_dir": str(run_dir), "epochs": state.epoch, "finished": False}
     summary = None
@@ -219,12 +232,15 @@ def finish_run(
         return predict_logits(model, images, cfg.train.eval_batch_size, device, cfg.train.channels_last)
 
     recorded = fit_state is not None and fit_state.best_path == best_path.name
-    if not len(val_set):
+    val_logits = logits(val_set.images) if len(val_set) else None
+    if val_logits is None:
         val_loss = val_acc = None  # no validation (data.val_fraction 0)
     elif recorded and not math.isnan(fit_state.best_val_log_loss):
         val_loss, val_acc = fit_state.best_val_log_loss, fit_state.best_val_acc
     else:
-        val_loss, val_acc = loss_and_accuracy(logits(val_set.images), val_set.labels)
+        val_loss, val_acc = loss_and_accuracy(val_logits, val_set.labels)
+    # The temperature behind every confidence shown (calibration.py): fitted on validation, never on test.
+    calibration = store_calibration(best_path, ckpt, val_logits, val_set.labels)
     model_cpu = model.cpu()
     summary: dict[str, Any] = {
         "model": cfg.model.name,
@@ -240,6 +256,8 @@ def finish_run(
         "total_seconds": round(seconds, 2),
         "val_accuracy": val_acc,
         "val_log_loss": val_loss,
+        "temperature": calibration.temperature,
+        "calibration": calibration.to_json(),
         "checkpoint": best_path.name,
         "classes": val_set.classes,
         "augment_enabled": cfg.augment.enabled,
@@ -273,6 +291,49 @@ def finish_run(
     summary["finish_seconds"] = round(time.perf_counter() - finish_started, 2)
     atomic_write_bytes(run_dir / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
     return {"run_dir": str(run_dir), "finished": True, **summary}
+
+
+def store_calibration(ckpt_path: Path, ckpt: dict[str, Any], val_logits: torch.Tensor | None,
+                      val_labels: torch.Tensor) -> Any:  # fmt: skip
+    """Fit the temperature on validation logits (N, K) and write it into the checkpoint (atomically, like every
+    checkpoint write): `temperature` and the details under `calibration`. No validation images: T = 1, not fitted.
+    Returns the calibration.Calibration."""
+    from digitkit.calibration import calibrate, not_fitted
+
+    if val_logits is None or not len(val_logits):
+        cal = not_fitted("no validation split (data.val_fraction 0): the raw softmax, T = 1")
+    else:
+        cal = calibrate(val_logits, val_labels, f"validation split ({len(val_labels):,} images)")
+    ckpt["temperature"] = cal.temperature
+    ckpt["calibration"] = cal.to_json()
+    checkpoint.save(ckpt_path, ckpt)
+    return cal
+
+
+def calibrate_run(path: str | Path, data_dir: str | Path | None = None) -> dict[str, Any]:
+    """Fit the temperature of a finished run (its kept checkpoint) on the run's own validation split, rebuilt from
+    its config and seed, and store it in the checkpoint and summary.json. For runs trained before calibration
+    existed; new runs are calibrated when they finish. A run without a validation split is refused (ConfigError).
+
+    The checkpoint's bytes change, so an ONNX export made before is stale: re-export it."""
+    opened = open_model(path)
+    ds, _ = evaluation_data(opened.cfg, "val", data_dir)
+    ckpt = opened.ckpt
+    if ds.num_classes != len(ckpt["classes"]) or tuple(ds.images.shape[1:]) != (
+        ckpt["in_chans"], ckpt["img_size"], ckpt["img_size"]
+    ):
+        raise ConfigError(f"{path}: the model expects {len(ckpt['classes'])} classes of {ckpt['img_size']}x"
+                          f"{ckpt['img_size']} images; the validation data has {ds.num_classes} classes of shape "
+                          f"{tuple(ds.images.shape[1:])}; pass the matching --data-dir")  # fmt: skip
+    val_logits = predict_logits(opened.model, ds.images, opened.cfg.train.eval_batch_size)
+    cal = store_calibration(opened.checkpoint_path, ckpt, val_logits, ds.labels)
+    summary_path = opened.run_dir / "summary.json" if opened.run_dir is not None else None
+    if summary_path is not None and summary_path.is_file():
+        summary = json.loads(summary_path.read_text())
+        if summary.get("checkpoint") == opened.checkpoint_path.name:
+            summary.update(temperature=cal.temperature, calibration=cal.to_json())
+            atomic_write_bytes(summary_path, (json.dumps(summary, indent=2) + "\n").encode())
+    return {"run_dir": str(opened.run_dir or ""), "checkpoint": str(opened.checkpoint_path), **cal.to_json()}
 
 
 def resolve_run(path: str | Path) -> Path:

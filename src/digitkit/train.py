@@ -115,12 +115,15 @@ def fit(
     resume: dict[str, Any] | None = None,
     stop_after_epochs: int | None = None,
     step_fn: StepFn | None = None,
+    negatives: torch.Tensor | None = None,
 ) -> FitState:
     """Train `model` in place; writes metrics.csv, last.pt and the best checkpoint into `run_dir`.
 
     `meta` describes the model for checkpoints (model, model_args, classes, in_chans, img_size, config).
     `resume` is a loaded last.pt. `stop_after_epochs` ends this call early (used to test resuming). `step_fn`
-    replaces the optimizer step (default: train_step with the config's label smoothing).
+    replaces the optimizer step (default: train_step with the config's label smoothing). `negatives` (N, C, H, W)
+    uint8 non-digits train the rejection when train.outlier_weight > 0: each batch then carries train.outlier_batch
+    of them after its digits (x has more rows than y), augmented with the digits.
     """
     t = cfg.train
     reporter = reporter or SilentReporter()
@@ -132,6 +135,14 @@ def fit(
     steps_per_epoch = epoch_steps(len(train_set), t)
     if device.type != "cpu":  # the whole uint8 set on the device once: no host-to-device copy per batch
         train_set = Dataset(train_set.images.to(device), train_set.labels.to(device), train_set.classes)
+    outliers = None
+    if t.outlier_weight > 0:
+        if negatives is None or not len(negatives):
+            raise ValueError("train.outlier_weight > 0 needs non-digits: pass `negatives` (data.negatives_dir)")
+        if tuple(negatives.shape[1:]) != tuple(train_set.images.shape[1:]) or negatives.dtype != torch.uint8:
+            raise ValueError(f"negatives are {negatives.dtype} {tuple(negatives.shape[1:])}, the digits uint8 "
+                             f"{tuple(train_set.images.shape[1:])}: they must match")  # fmt: skip
+        outliers = negatives.to(device)
     opt = make_optimizer(model.parameters(), t)
     sched, sched_every = make_schedule(opt, t, steps_per_epoch)
     ema = make_ema(model, t.ema_decay)
@@ -152,7 +163,7 @@ def fit(
     measured = ema.module if ema is not None else model
 
     def plain_step(model: DigitModel, opt: optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> Any:
-        return train_step(net, opt, x, y, t.label_smoothing, autocast, scaler)
+        return train_step(net, opt, x, y, t.label_smoothing, autocast, scaler, t.outlier_weight)
 
     optimizer_step = step_fn if step_fn is not None else plain_step
 
@@ -173,7 +184,10 @@ def fit(
         seen = 0
         for step in range(steps_per_epoch):
             idx = perm[step * batch_size : (step + 1) * batch_size]
-            x, y = load_batch(train_set, idx, cfg.augment, g, device, memory_format)
+            extra = None
+            if outliers is not None:  # drawn from the epoch's generator: a resumed run draws the same ones
+                extra = outliers[torch.randint(len(outliers), (t.outlier_batch,), generator=g).to(outliers.device)]
+            x, y = load_batch(train_set, idx, cfg.augment, g, device, memory_format, extra)
             loss, logits = optimizer_step(model, opt, x, y)
             if ema is not None:
                 ema.update_parameters(model)
@@ -279,9 +293,12 @@ def load_batch(
     g: torch.Generator,
     device: torch.device,
     memory_format: torch.memory_format = torch.contiguous_format,
+    extra: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gather a batch from the uint8 tensors and augment it whole: x (B, C, H, W) in [0, 1], y (B,)."""
-    x = ds.images[idx].to(device, non_blocking=True).float().div_(255)
+    """Gather a batch from the uint8 tensors and augment it whole: x (B, C, H, W) in [0, 1], y (B,). `extra`
+    (E, C, H, W) uint8 unlabelled images (non-digits) follow the digits in x, augmented alike: x has B + E rows."""
+    x = ds.images[idx] if extra is None else torch.cat([ds.images[idx], extra.to(ds.images.device)])
+    x = x.to(device, non_blocking=True).float().div_(255)
     y = ds.labels[idx].to(device, non_blocking=True)
     if augment.enabled:
         x = augment_batch(x, augment, g)
@@ -296,11 +313,20 @@ def train_step(
     label_smoothing: float = 0.0,
     autocast: Any = None,
     scaler: Any = None,
+    outlier_weight: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step; returns (loss, logits), both detached. `scaler` (a GradScaler) is for float16."""
+    """One optimizer step; returns (loss, the digits' logits), both detached. `scaler` (a GradScaler) is for
+    float16. Rows of x past len(y) are non-digits: their cross-entropy to the uniform distribution (logsumexp
+    minus the mean logit), times `outlier_weight`, joins the loss (outlier exposure)."""
+    n = len(y)
     with autocast if autocast is not None else contextlib.nullcontext():
         logits = model(x)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+        z = logits.float()
+        loss = F.cross_entropy(z[:n], y, label_smoothing=label_smoothing)
+        if len(x) > n and outlier_weight > 0:
+            out = z[n:]
+            loss = loss + outlier_weight * (out.logsumexp(1) - out.mean(1)).mean()
+        logits = logits[:n]
     opt.zero_grad(set_to_none=True)
     if scaler is None:
         loss.backward()

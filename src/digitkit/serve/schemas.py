@@ -70,6 +70,8 @@ class Prediction(BaseModel):
                                        "before the model ran (unreadable, empty, no-ink)")
     rejected: str | None = Field(..., description="null, or unreadable, empty, no-ink, not-a-digit, low-confidence")
     predicted: str | None = Field(None, description="the model's top class, even when rejected for low confidence")
+    input_kind: str | None = Field(None, description="what preprocessing took the image for: clean, canvas, photo "
+                                   "or scan (null when it could not be read)")
     top_k: list[TopK]
     error: str | None = None
     latency_ms: float

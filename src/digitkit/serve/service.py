@@ -114,6 +114,7 @@ class Loaded:
 
     def __init__(self, path: str, settings: ServeSettings) -> None:
         from digitkit import runs
+        from digitkit.calibration import temperature_of
 
         opened = runs.open_model(path)
         sha = runs.checkpoint_sha256(opened.checkpoint_path)
@@ -124,7 +125,7 @@ class Loaded:
                                               opened.model, expect_checkpoint_sha256=sha)  # fmt: skip
         else:
             self.recognizer = Recognizer(opened.model, opened.ckpt["classes"], opened.cfg.inference,
-                                         opened.cfg.preprocess)  # fmt: skip
+                                         opened.cfg.preprocess, temperature=temperature_of(opened.ckpt))  # fmt: skip
         name = opened.run_dir.name if opened.run_dir else opened.checkpoint_path.stem
         engine_tag = "-onnx" if settings.engine == "onnx" else ""
         summary = _read_json(opened.run_dir / "summary.json") if opened.run_dir else {}
@@ -142,6 +143,7 @@ class Loaded:
                 "model_input": "white digit on black, float in [0, 1], centred by mass in a 20x20 box",
                 "preprocess": pre.__dict__.copy(),
                 "inference": opened.cfg.inference.__dict__.copy(),
+                "temperature": temperature_of(opened.ckpt),  # confidence = softmax(logits / temperature)
                 "engine": settings.engine,
                 **({"onnx_file": str(self.recognizer.engine.path)} if settings.engine == "onnx" else {}),
             },
