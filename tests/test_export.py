@@ -18,6 +18,7 @@ from onnx import numpy_helper
 from PIL import Image
 
 from digitkit import data, export, runs
+from digitkit.calibration import temperature_of
 from digitkit.classify import Recognizer
 from digitkit.cli import main
 from digitkit.engine import OnnxModel, open_recognizer
@@ -66,7 +67,9 @@ def test_dynamic_batch_axis(exported, run_copy, mnist_test):
         probs = engine.probs(x[:n])
         assert probs.shape == (n, 10)
         with torch.inference_mode():
-            assert torch.allclose(probs, model(x[:n]).softmax(1), atol=1e-5)
+            # The graph divides by the run's calibrated temperature before its softmax (digitkit.calibration).
+            assert torch.allclose(probs, model(x[:n]).div(temperature_of(runs.open_model(run_copy).ckpt)).softmax(1),
+                                  atol=1e-5)  # fmt: skip
 
 
 def test_metadata_and_inference_without_digitkit(exported, run_copy, mnist_test, tmp_path):
@@ -256,7 +259,8 @@ def test_predict_engine_onnx_answers_like_torch(exported, run_copy, mnist_test, 
 def test_noise_defence_and_stale_exports(exported, run_copy, mnist_test):
     opened = runs.open_model(run_copy)
     onnx_rec = open_recognizer(exported.out)
-    torch_rec = Recognizer(opened.model, opened.ckpt["classes"], opened.cfg.inference, opened.cfg.preprocess)
+    torch_rec = Recognizer(opened.model, opened.ckpt["classes"], opened.cfg.inference, opened.cfg.preprocess,
+                           temperature=temperature_of(opened.ckpt))  # fmt: skip
     for rec in (onnx_rec, torch_rec):
         rec.inference.noise_defence_sigma = 0.2
     x = mnist_test.images[:64].float().div(255)
@@ -271,7 +275,8 @@ def test_noise_defence_and_stale_exports(exported, run_copy, mnist_test):
 
 def test_server_engine_onnx(exported, run_copy, mnist_test, tmp_path):
     opened = runs.open_model(run_copy)
-    torch_rec = Recognizer(opened.model, opened.ckpt["classes"], opened.cfg.inference, opened.cfg.preprocess)
+    torch_rec = Recognizer(opened.model, opened.ckpt["classes"], opened.cfg.inference, opened.cfg.preprocess,
+                           temperature=temperature_of(opened.ckpt))  # fmt: skip
     images = [mnist_test.images[i, 0].numpy() for i in range(6)]
     expected = torch_rec.predict(images, top_k=10)
     with serve(run_copy, tmp_path, "--engine", "onnx", "--audit-db", f"sqlite:///{tmp_path / 'audit.db'}") as srv:

@@ -599,3 +599,14 @@ def test_candidates_only_when_unsure(mnist_test) -> None:
         assert r.record["candidates"]["names"] == names
         for _, t in r.candidates[1:]:
             assert float((t - r.tensor).abs().max()) > 0.1  # a candidate is another reading, not a copy
+
+
+@pytest.mark.parametrize("shape", [(1, 3), (3, 1), (1, 1), (2, 5)])
+def test_images_a_pixel_or_two_thin_are_answered_not_crashed(shape):
+    """`read` hands ink_image the image as decoded (no enlargement): a 1x3 row of pixels once crashed its survey."""
+    rng = np.random.default_rng(0)
+    for a in (rng.random(shape).astype(np.float32), np.array([[0.97, 0.0, 0.54]], np.float32).reshape(shape)
+              if shape == (1, 3) else np.zeros(shape, np.float32)):  # fmt: skip
+        ink, mask, record = P.ink_image(a)
+        assert ink.shape == mask.shape == a.shape and record["rejected"] in (None, "empty", "no-ink")
+        assert P.preprocess(a).tensor.shape == (1, 28, 28)

@@ -497,8 +497,11 @@ def _survey(gray: np.ndarray, cfg: PreprocessConfig, alpha: str = "") -> _Survey
         if spread > _FLAT_RANGE and paper_spread <= _FLAT_PAPER:
             # Sure it is ink: as dark as the darkest ink, sharp-edged (the kept part's steepest edges; a small
             # image's are blurred by its upscaling) and clear of the border, which a shadow always reaches.
-            gy, gx = np.gradient(b)
-            edge = _q(np.hypot(gx, gy), 99.5) / max(b98 - b2, 1e-3)
+            if min(b.shape) >= 2:
+                gy, gx = np.gradient(b)
+                edge = _q(np.hypot(gx, gy), 99.5) / max(b98 - b2, 1e-3)
+            else:  # a copy one pixel thin (a 1xN image read as a row): no edges to measure
+                edge = 0.0
             depth = (b98 - b2) / max(_q(x, 99.9) - b2, 1e-3)
             rim = np.concatenate([b[0], b[-1], b[1:-1, 0], b[1:-1, -1]])
             touches = float(np.mean(rim > b2 + 0.5 * (b98 - b2)))
