@@ -4,7 +4,8 @@ sends) and a 320 px phone photo (JPEG), both as bytes, the inputs `benchmarks/re
 timed in the same run, calls interleaved, so a machine shared with training jobs slows both alike: compare the
 ratio, not the milliseconds.
 
-    python benchmarks/preprocess_speed.py [--baseline /tmp/old.py] [--calls 300] [--profile] [--out FILE.json]
+    python benchmarks/preprocess_speed.py [--baseline /tmp/old.py] [--calls 300] [--repeats 3] [--profile] \
+        [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -39,10 +40,23 @@ def _module(path: str) -> ModuleType:
     return module
 
 
+def _p50s(versions: dict[str, ModuleType], inputs: dict[str, bytes], calls: int) -> dict[tuple[str, str], float]:
+    """p50 ms per (version, input) over `calls` rounds, the versions' calls interleaved within each round."""
+    times: dict[tuple[str, str], list[float]] = {(v, k): [] for v in versions for k in inputs}
+    for _ in range(calls):
+        for v, module in versions.items():
+            for k, blob in inputs.items():
+                t0 = time.perf_counter()
+                module.preprocess(blob)
+                times[(v, k)].append(time.perf_counter() - t0)
+    return {key: round(1000 * statistics.median(t), 3) for key, t in times.items()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--baseline", help="another preprocess.py to time alongside (same inputs, interleaved)")
     p.add_argument("--calls", type=int, default=300)
+    p.add_argument("--repeats", type=int, default=3, help="timed runs; the JSON keeps each and their median")
     p.add_argument("--source", choices=("val", "test"), default="val")
     p.add_argument("--profile", action="store_true", help="print the top functions of the current version")
     p.add_argument("--out", help="JSON file for the figures")
@@ -56,22 +70,25 @@ def main() -> None:
         for blob in inputs.values():
             for _ in range(10):
                 module.preprocess(blob)
-    times: dict[tuple[str, str], list[float]] = {(v, k): [] for v in versions for k in inputs}
-    for _ in range(args.calls):
-        for v, module in versions.items():
-            for k, blob in inputs.items():
-                t0 = time.perf_counter()
-                module.preprocess(blob)
-                times[(v, k)].append(time.perf_counter() - t0)
-    result = {"calls": args.calls, "torch_threads": 1, "python": platform.python_version(), "inputs": {}}
+    result = {"calls": args.calls, "repeats": args.repeats, "torch_threads": 1, "python": platform.python_version(),
+              "repeat_runs": [], "inputs": {}}  # fmt: skip
+    for r in range(args.repeats):
+        p50 = _p50s(versions, inputs, args.calls)
+        result["repeat_runs"].append({k: {v: p50[(v, k)] for v in versions} for k in inputs})
+        print(f"run {r + 1} of {args.repeats}:")
+        for k, blob in inputs.items():
+            row = {v: p50[(v, k)] for v in versions}
+            ratio = f"  ratio {row['current'] / row['baseline']:.2f}" if args.baseline else ""
+            print(f"  {k:<16s} {len(blob):7d} bytes  " + "  ".join(f"{v} {t:.3f} ms" for v, t in row.items()) + ratio)
     for k, blob in inputs.items():
-        row = {v: round(1000 * statistics.median(times[(v, k)]), 3) for v in versions}
-        if args.baseline:
-            row["ratio"] = round(row["current"] / row["baseline"], 3)
+        runs_k = [run[k] for run in result["repeat_runs"]]
+        row = {v: round(statistics.median(run[v] for run in runs_k), 3) for v in versions}
+        if args.baseline:  # the median of the per-run ratios: each run's two versions saw the same load
+            row["ratio"] = round(statistics.median(run["current"] / run["baseline"] for run in runs_k), 3)
         result["inputs"][k] = {"bytes": len(blob), "p50_ms": row,
                                "input_kind": preprocess.preprocess(blob).record["input_kind"]}  # fmt: skip
-        print(f"{k:<16s} {len(blob):7d} bytes  " + "  ".join(f"{v} {t:.3f} ms" if v != "ratio" else f"ratio {t:.2f}"
-                                                          for v, t in row.items()))  # fmt: skip
+        print(f"median of {args.repeats}: {k:<16s} " + "  ".join(
+            f"{v} {t:.3f} ms" if v != "ratio" else f"ratio {t:.2f}" for v, t in row.items()))  # fmt: skip
     if args.profile:
         for k, blob in inputs.items():
             prof = cProfile.Profile()

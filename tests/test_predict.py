@@ -169,7 +169,8 @@ def test_the_model_chooses_among_candidate_readings_in_one_batch(mnist_small_run
     calls = []
     probs = rec.probs
     rec.probs = lambda x: calls.append(len(x)) or probs(x)  # count forward passes and their batch sizes
-    pres = [preprocess.Preprocessed(wrong, None, {"input_kind": "scan"}, candidates=[("other", digit)]),
+    readings = [("first", wrong), ("other", digit)]  # the first is the tensor itself, as preprocess gives them
+    pres = [preprocess.Preprocessed(wrong, None, {"input_kind": "scan"}, candidates=readings),
             preprocess.Preprocessed(digit, None, {"input_kind": "clean"})]
     first, second = rec.answers(pres)
     assert calls == [3]  # both images and the extra reading: one forward pass

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from digitkit.calibration import check_temperature, temperature_of
 from digitkit.config import Config, InferenceConfig
 from digitkit.errors import DataError
 from digitkit.evaluate import predict_probs
@@ -73,8 +74,6 @@ class Recognizer:
     def __init__(self, model: nn.Module | None, classes: list[str], inference: InferenceConfig | None = None,
                  preprocess_cfg: PreprocessConfig | None = None, device: str | torch.device = "cpu",
                  engine: Any = None, temperature: float = 1.0) -> None:  # fmt: skip
-        from digitkit.calibration import check_temperature
-
         if model is None and engine is None:
             raise ValueError("Recognizer needs a model or an engine")
         self.model = model.eval().to(device) if model is not None else None
@@ -90,7 +89,6 @@ class Recognizer:
         """From a run folder or checkpoint file; its stored config (or `cfg`) says how to preprocess and answer, and
         its temperature (1.0 for a checkpoint from before calibration) how to turn logits into confidence."""
         from digitkit import runs
-        from digitkit.calibration import temperature_of
 
         opened = runs.open_model(path)
         cfg = cfg or opened.cfg
@@ -133,14 +131,9 @@ class Recognizer:
         for i, pre in enumerate(pres):
             if pre.rejected:
                 continue
-            readings[i] = [("first", len(rows))]
-            rows.append(pre.tensor)
-            for name, tensor in getattr(pre, "candidates", ()):
-                if torch.equal(tensor, pre.tensor):
-                    readings[i][0] = (name, readings[i][0][1])  # the first reading under its own name
-                    continue
-                readings[i].append((name, len(rows)))
-                rows.append(tensor)
+            options = pre.candidates or [("first", pre.tensor)]  # candidates[0] is pre.tensor (see Preprocessed)
+            readings[i] = [(name, len(rows) + j) for j, (name, _) in enumerate(options)]
+            rows.extend(tensor for _, tensor in options)
         probs = self.probs(torch.stack(rows)) if rows else None
         out: list[Answer] = []
         for i, pre in enumerate(pres):
