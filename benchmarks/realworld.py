@@ -35,8 +35,11 @@ same v1 sets: its `kinds` and `rejection` appear here under the same names).
 from __future__ import annotations
 
 import argparse
+import hashlib
+import inspect
 import io
 import json
+import pickle
 import platform
 import statistics
 import string
@@ -57,6 +60,8 @@ THRESHOLDS = (0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 """The v1 table's thresholds."""
 CURVE = (0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 """The v2 rejection curve's thresholds."""
+SCORE_CURVE = (0.0, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0)
+"""The digit-score curve's thresholds (inference.reject_below_digit_score; confidence threshold 0)."""
 V1_KINDS = (*synth.KINDS, "printed_fonts")
 REASONS = ("empty", "no-ink", "not-a-digit", "low-confidence")
 NEGATIVE_POOL = 500
@@ -182,25 +187,29 @@ def _why(answer) -> str:
 
 
 def _outcomes(rec: Recognizer, images: list) -> list[dict]:
-    """Each image through rec.predict at threshold 0: the shape/emptiness verdict, the top class and confidence
-    (low-confidence is then decided per threshold)."""
+    """Each image through rec.predict with both thresholds at 0: the shape/emptiness verdict, the top class, its
+    confidence and the digit score (not-a-digit by score and low-confidence are then decided per threshold)."""
     out = []
     for a in rec.predict(images):
         out.append({"shape": a.rejected, "pred": int(a.predicted) if a.predicted is not None else -1,
-                    "conf": a.confidence, "why": _why(a) if a.rejected else None,
+                    "conf": a.confidence, "score": a.digit_score if a.digit_score is not None else 0.0,
+                    "why": _why(a) if a.rejected else None,
                     "record": {k: a.record.get(k) for k in ("threshold", "components", "lighting", "ink_shape", "why")
                                if a.record.get(k) is not None} if a.rejected else None})  # fmt: skip
     return out
 
 
-def _verdict(o: dict, t: float) -> str:
-    return o["shape"] or ("low-confidence" if o["conf"] < t else "answered")
+def _verdict(o: dict, t: float, s: float = 0.0) -> str:
+    """The answer at confidence threshold t and digit-score threshold s (what Recognizer._decide does)."""
+    if o["shape"]:
+        return o["shape"]
+    return "not-a-digit" if o["score"] < s else "low-confidence" if o["conf"] < t else "answered"
 
 
 def evaluate(rec: Recognizer, sets: dict, junk: list[np.ndarray], negatives: list[tuple[np.ndarray, str]]) -> dict:
     out: dict = {"kinds": {}, "rejection": [], "curve": [], "negatives": {}}
-    threshold = rec.inference.reject_below_confidence
-    rec.inference.reject_below_confidence = 0.0
+    threshold, score_threshold = rec.inference.reject_below_confidence, rec.inference.reject_below_digit_score
+    rec.inference.reject_below_confidence = rec.inference.reject_below_digit_score = 0.0
     digits: dict[str, list[dict]] = {}
     try:
         for kind, items in sets.items():
@@ -211,7 +220,7 @@ def evaluate(rec: Recognizer, sets: dict, junk: list[np.ndarray], negatives: lis
             for o, y in zip(outs, labels, strict=True):
                 o["ok"] = o["pred"] == y
             digits[kind] = outs
-            verdicts = [_verdict(o, threshold) for o in outs]
+            verdicts = [_verdict(o, threshold, score_threshold) for o in outs]
             answered = [o for o, v in zip(outs, verdicts, strict=True) if v == "answered"]
             reasons = Counter(v for v in verdicts if v != "answered")
             why = Counter(o["why"] for o in outs if o["why"])
@@ -242,22 +251,24 @@ def evaluate(rec: Recognizer, sets: dict, junk: list[np.ndarray], negatives: lis
                 "accuracy_answered": sum(answered_ok) / max(len(answered_ok), 1),
                 "non_digits_rejected": sum(_verdict(o, t) != "answered" for o in junk_outs) / len(junk_outs),
             })  # fmt: skip
-        out["non_digit_outcomes_at_default"] = dict(Counter(_verdict(o, threshold) for o in junk_outs))
+        out["non_digit_outcomes_at_default"] = dict(Counter(_verdict(o, threshold, score_threshold) for o in junk_outs))
         # v2: negatives per kind, and the curve over every digit kind and the negatives (lookalikes apart).
         neg_outs: dict[str, list[dict]] = {}
         outs = _outcomes(rec, [im for im, _ in negatives])
         for o, (_, kind) in zip(outs, negatives, strict=True):
             neg_outs.setdefault(kind, []).append(o)
         for kind, os_ in neg_outs.items():
-            verdicts = Counter(_verdict(o, threshold) for o in os_)
+            verdicts = Counter(_verdict(o, threshold, score_threshold) for o in os_)
             out["negatives"][kind] = {
                 "n": len(os_),
                 "rejected": 1 - verdicts["answered"] / len(os_),
                 "outcomes": {r: verdicts[r] for r in (*REASONS, "answered") if verdicts[r]},
-                "answered_as": dict(sorted(Counter(o["pred"] for o in os_ if _verdict(o, threshold) == "answered")
-                                           .items())),
+                "answered_as": dict(sorted(Counter(o["pred"] for o in os_
+                                                   if _verdict(o, threshold, score_threshold) == "answered").items())),
                 "rejected_by_threshold": {str(t): sum(_verdict(o, t) != "answered" for o in os_) / len(os_)
                                           for t in CURVE},
+                "rejected_by_score": {str(s): sum(_verdict(o, 0.0, s) != "answered" for o in os_) / len(os_)
+                                      for s in SCORE_CURVE},
             }  # fmt: skip
         all_digits = [o for kind in digits for o in digits[kind]]
         new_digits = [o for kind in digits if kind not in V1_KINDS for o in digits[kind]]
@@ -272,9 +283,20 @@ def evaluate(rec: Recognizer, sets: dict, junk: list[np.ndarray], negatives: lis
                 row[f"{name}_accuracy"] = sum(ok) / len(group)
             row["negatives_rejected"] = sum(_verdict(o, t) != "answered" for o in pooled) / len(pooled)
             out["curve"].append(row)
+        out["score_curve"] = []
+        for s in SCORE_CURVE:
+            rej = [_verdict(o, 0.0, s) != "answered" for o in all_digits]
+            ok = [o["ok"] for o, r in zip(all_digits, rej, strict=True) if not r]
+            out["score_curve"].append({
+                "digit_score": s, "digits_rejected": sum(rej) / len(rej), "digits_accuracy_answered":
+                sum(ok) / max(len(ok), 1), "negatives_rejected": sum(_verdict(o, 0.0, s) != "answered"
+                                                                     for o in pooled) / len(pooled)})  # fmt: skip
         out["threshold_choice"] = choose_threshold(all_digits, pooled)
+        out["thresholds_choice"] = choose_thresholds(all_digits, pooled)
+        out["at_default"] = {"confidence": threshold, "digit_score": score_threshold, **_rates(
+            all_digits, pooled, threshold, score_threshold)}  # fmt: skip
     finally:
-        rec.inference.reject_below_confidence = threshold
+        rec.inference.reject_below_confidence, rec.inference.reject_below_digit_score = threshold, score_threshold
     v1_kinds = [out["kinds"][k] for k in V1_KINDS]
     out["mean_raw_accuracy"] = float(np.mean([k["raw_accuracy"] for k in v1_kinds]))
     out["mean_preprocess_accuracy"] = float(np.mean([k["preprocess_accuracy"] for k in v1_kinds]))
@@ -371,10 +393,80 @@ def report(m: str, r: dict) -> None:
         print(f"            {row['threshold']:9.2f} {_pct(row['digits_rejected']):>9s}% "
               f"{_pct(row['digits_accuracy_answered']):>11s}% {_pct(row['digits_accuracy']):>7s}% "
               f"{_pct(row['new_kind_digits_rejected']):>12s}% {_pct(row['negatives_rejected']):>12s}%")
+    print(f"  digit-score curve: {'score':>6s} {'digits rej':>10s} {'acc answered':>12s} {'negatives rej':>13s}")
+    for row in r["score_curve"]:
+        print(f"                     {row['digit_score']:6.2f} {_pct(row['digits_rejected']):>9s}% "
+              f"{_pct(row['digits_accuracy_answered']):>11s}% {_pct(row['negatives_rejected']):>12s}%")
+    d = r["at_default"]
+    print(f"  at the model's thresholds (confidence {d['confidence']:g}, digit score {d['digit_score']:g}): digits "
+          f"rejected {_pct(d['digits_rejected'])}%, right {_pct(d['digits_accuracy'])}%, negatives rejected "
+          f"{_pct(d['negatives_rejected'])}%")
+    c2 = r["thresholds_choice"]
+    print(f"  best pair rejecting <= {100 * DIGIT_REJECTION_BUDGET:g}% of digits: confidence {c2['confidence']:.2f}, "
+          f"digit score {c2['digit_score']:.2f} (digits rejected {_pct(c2['digits_rejected'])}%, negatives rejected "
+          f"{_pct(c2['negatives_rejected'])}%)" + ("; the pipeline alone rejects more" if c2.get("over_budget")
+                                                    else ""))
     c = r["threshold_choice"]
     print(f"  highest threshold rejecting <= {100 * DIGIT_REJECTION_BUDGET:g}% of digits: {c['threshold']:.2f} (digits "
           f"rejected {_pct(c['digits_rejected'])}%, negatives rejected {_pct(c['negatives_rejected'])}%)"
           + ("; the pipeline alone rejects more than that" if c.get("over_budget") else ""))
+
+
+def make_sets(source: str, n: int, n_negatives: int, seed: int, cache: str | None = None) -> tuple:
+    """(digit sets, v1 non-digits, v2 negatives); with `cache`, read from / written to a pickle named by the
+    arguments, the bytes of synth.py and the source of the functions here that make the sets, so a change to any
+    of them makes new sets."""
+    path = None
+    if cache:
+        h = hashlib.sha256(repr((source, n, n_negatives, seed)).encode())
+        h.update(Path(synth.__file__).read_bytes())
+        for fn in (_source_images, digit_sets, negative_set, non_digits):
+            h.update(inspect.getsource(fn).encode())
+        path = Path(cache) / f"realworld-{source}-{h.hexdigest()[:16]}.pkl"
+        if path.exists():
+            with path.open("rb") as f:
+                return pickle.load(f)  # our own file, written below
+    made = (digit_sets(source, n, seed), non_digits(n, seed + 1), negative_set(source, n_negatives, seed, n))
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        with tmp.open("wb") as f:
+            pickle.dump(made, f, protocol=pickle.HIGHEST_PROTOCOL)
+        tmp.replace(path)
+    return made
+
+
+def _rates(digits: list[dict], negatives: list[dict], t: float, s: float) -> dict:
+    rej = [_verdict(o, t, s) != "answered" for o in digits]
+    ok = [o["ok"] for o, r in zip(digits, rej, strict=True) if not r]
+    return {"digits_rejected": sum(rej) / len(rej), "digits_accuracy_answered": sum(ok) / max(len(ok), 1),
+            "digits_accuracy": sum(ok) / len(rej),
+            "negatives_rejected": sum(_verdict(o, t, s) != "answered" for o in negatives) / len(negatives)}
+
+
+def choose_thresholds(digits: list[dict], negatives: list[dict], budget: float = DIGIT_REJECTION_BUDGET) -> dict:
+    """Both thresholds at once: the (confidence, digit score) pair, confidence in 0.01 steps and score in 0.05
+    steps, that rejects the most negatives while rejecting at most `budget` of the digits; ties go to fewer digits
+    rejected, then to the higher confidence threshold. Meant for --source val: inference.reject_below_confidence and
+    inference.reject_below_digit_score in the config."""
+    conf = np.array([o["conf"] for o in digits]), np.array([o["conf"] for o in negatives])
+    score = np.array([o["score"] for o in digits]), np.array([o["score"] for o in negatives])
+    shape = np.array([bool(o["shape"]) for o in digits]), np.array([bool(o["shape"]) for o in negatives])
+    best = None
+    for t in np.round(np.arange(0.0, 1.0, 0.01), 2):
+        for s in np.round(np.arange(0.0, 8.0, 0.05), 2):
+            d = float((shape[0] | (score[0] < s) | (conf[0] < t)).mean())
+            if d > budget:
+                break  # a higher score threshold only rejects more
+            n = float((shape[1] | (score[1] < s) | (conf[1] < t)).mean())
+            key = (n, -d, t)
+            if best is None or key > best[0]:
+                best = (key, {"confidence": float(t), "digit_score": float(s), "digits_rejected": d,
+                              "negatives_rejected": n})
+    if best is None:
+        return {"confidence": 0.0, "digit_score": 0.0, "over_budget": True,
+                "digits_rejected": float(shape[0].mean()), "negatives_rejected": float(shape[1].mean())}
+    return best[1]
 
 
 def main() -> None:
@@ -388,11 +480,13 @@ def main() -> None:
     p.add_argument("--out", help="JSON file (default: benchmarks/results/realworld-v2-<source>.json)")
     p.add_argument("--threshold", type=float, help="report at this confidence threshold instead of each model's "
                    "inference.reject_below_confidence (e.g. one chosen with --source val for a config)")
+    p.add_argument("--digit-score", type=float, help="report at this digit-score threshold instead of each model's "
+                   "inference.reject_below_digit_score")
+    p.add_argument("--cache", metavar="DIR", help="keep the generated sets in DIR and reuse them while synth.py "
+                   "and this script are unchanged (making them takes most of a run)")
     args = p.parse_args()
     started = time.perf_counter()
-    sets = digit_sets(args.source, args.n, args.seed)
-    junk = non_digits(args.n, args.seed + 1)
-    negatives = negative_set(args.source, args.n_negatives, args.seed, args.n)
+    sets, junk, negatives = make_sets(args.source, args.n, args.n_negatives, args.seed, args.cache)
     made = time.perf_counter() - started
     print(f"made {sum(map(len, sets.values()))} digits in {len(sets)} kinds, {len(junk)} v1 non-digits and "
           f"{len(negatives)} v2 negatives in {made:.0f} s")
@@ -401,11 +495,14 @@ def main() -> None:
         rec = recs[m] = Recognizer.open(m)
         if args.threshold is not None:
             rec.inference.reject_below_confidence = args.threshold
+        if args.digit_score is not None:
+            rec.inference.reject_below_digit_score = args.digit_score
         summary_path = runs.open_model(m).run_dir
         summary = json.loads((summary_path / "summary.json").read_text()) if summary_path else {}
         r = evaluate(rec, sets, junk, negatives)
         r["mnist_test_accuracy"] = summary.get("test_accuracy")
         r["default_threshold"] = rec.inference.reject_below_confidence
+        r["default_digit_score"] = rec.inference.reject_below_digit_score
         r["temperature"] = rec.temperature  # confidences are calibrated (digitkit.calibration); 1.0: not fitted
         results[m] = r
         report(m, r)

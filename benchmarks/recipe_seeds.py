@@ -9,7 +9,7 @@ mean +- std (sample std, n = number of seeds) and writes JSON.
 --keep DIR keeps each run folder as DIR/seed-N (for `digitkit evaluate` or `digitkit ensemble` later); without it
 the runs are written to a temporary folder and deleted. --runs RUN... reads runs already trained with the config
 instead (each run's stored config must be the config at its seed, apart from data.dir, train.threads and the
-inference settings, which training does not read; the time
+inference settings, which training does not read, and data.negatives_dir, compared by its files' checksums; the time
 is then the run's own total, as measured while it trained).
 """
 
@@ -28,6 +28,13 @@ import torch
 from digitkit import config, runs
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _sums(folder: str) -> str:
+    """An IDX folder's SHA256SUMS.raw (the sums of its uncompressed files), or the path when it has none."""
+    path = Path(folder) if Path(folder).is_absolute() else ROOT / folder
+    sums = path / "SHA256SUMS.raw"
+    return sums.read_text() if sums.is_file() else str(folder)
 
 
 def main() -> None:
@@ -64,6 +71,8 @@ def main() -> None:
         wanted = config.to_dict(config.load(args.config, [*args.set, f"seed={stored['seed']}"]))
         for d in (stored, wanted):
             d["data"].pop("dir"), d["train"].pop("threads"), d.pop("inference")  # what training does not read
+            if d["data"].get("negatives_dir"):  # the same non-digits wherever they were: compared by their sums
+                d["data"]["negatives_dir"] = _sums(d["data"]["negatives_dir"])
         if stored != wanted:
             raise SystemExit(f"{run}: trained with another config than {args.config} at seed {stored['seed']}")
         row = {k: s[k] for k in ("epochs", "best_epoch", "val_accuracy", "test_accuracy", "train_seconds")}

@@ -251,9 +251,24 @@ def test_predict_engine_onnx_answers_like_torch(exported, run_copy, mnist_test, 
         assert t["digit"] == o["digit"] == f["digit"] and t["rejected"] == o["rejected"]
         assert np.allclose(t["probabilities"], o["probabilities"], atol=1e-5)
         assert o["probabilities"] == f["probabilities"]
+        assert abs(t["digit_score"] - o["digit_score"]) < 1e-3  # scored from the probabilities, in either engine
     assert sum(a["digit"] == str(int(y)) for a, y in zip(answers["onnx"], mnist_test.labels[:12], strict=True)) >= 11
     assert main(["predict", "--model", str(alone), "--engine", "torch", str(files[0])]) == 2  # one-line error
     assert "ONNX file" in capsys.readouterr().err
+
+
+def test_predict_engine_onnx_refuses_an_export_made_before_calibrate(exported, run_copy, tmp_path, capsys):
+    stale = tmp_path / "run"
+    shutil.copytree(run_copy, stale)  # the export inside comes from the checkpoint as it was
+    img = tmp_path / "d.png"
+    Image.fromarray(np.full((28, 28), 255, np.uint8)).save(img)
+    assert main(["predict", "--model", str(stale), "--engine", "onnx", str(img), "--json"]) in (0, 1)
+    capsys.readouterr()
+    assert main(["calibrate", str(stale), "--data-dir", str(MNIST_DIR)]) == 0  # rewrites the checkpoint
+    capsys.readouterr()
+    assert main(["predict", "--model", str(stale), "--engine", "onnx", str(img)]) == 2
+    err = capsys.readouterr().err
+    assert "exported from checkpoint" in err and "digitkit export" in err
 
 
 def test_noise_defence_and_stale_exports(exported, run_copy, mnist_test):

@@ -15,9 +15,10 @@ import torch.nn.functional as F
 from digitkit import augment as A
 from digitkit import config, runs
 from digitkit.config import ConfigError
+from digitkit.data import Dataset
 from digitkit.errors import DataError
 from digitkit.realworld import negatives
-from digitkit.train import train_step
+from digitkit.train import outlier_batch, train_step
 
 from .conftest import MNIST_DIR, make_idx_dir
 
@@ -117,6 +118,62 @@ def test_outlier_exposure_lowers_confidence_on_unseen_non_digits(tmp_path: Path)
     assert oe_acc >= plain_acc - 0.05  # the digits are still read
 
 
+def _bar_digits(k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """k MNIST-format "digits": a filled 12x8 box (rows 8-19, cols 10-17), labelled 7 (not a 1)."""
+    x = torch.zeros(k, 1, 28, 28, dtype=torch.uint8)
+    x[:, :, 8:20, 10:18] = 255
+    return x, torch.full((k,), 7)
+
+
+def _box(img: torch.Tensor) -> tuple[int, int]:
+    """(height, width) of the ink box of a (28, 28) image."""
+    ys, xs = (img > 60).nonzero(as_tuple=True)
+    return int(ys.max() - ys.min() + 1), int(xs.max() - xs.min() + 1)
+
+
+def test_broken_digits_are_partial_or_doubled_and_brought_to_the_digit_format() -> None:
+    x, y = _bar_digits(400)
+    out = A.broken_digits(x, y, torch.Generator().manual_seed(0))
+    assert out.shape == (200, 1, 28, 28) and out.dtype == torch.uint8
+    boxes = [_box(o[0]) for o in out]
+    # Every one is scaled like preprocessing scales a digit: its longer side about 20 px.
+    assert all(18 <= max(b) <= 22 for b in boxes), boxes
+    # Doubled boxes side by side are wider than tall; partial boxes (a cut of a 12x8 box) are cut along one side.
+    wide = sum(w > h * 1.2 for h, w in boxes)
+    assert 40 <= wide <= 160, wide
+    # Centre of mass at the centre, as preprocessing puts it.
+    f = out.float()[:, 0]
+    ar = torch.arange(28.0)
+    cy = (f.sum(2) * ar).sum(1) / f.sum((1, 2))
+    cx = (f.sum(1) * ar).sum(1) / f.sum((1, 2))
+    assert (cy - 13.5).abs().max() < 1.0 and (cx - 13.5).abs().max() < 1.0
+    # Deterministic in the generator; a 1 is never cut (what is left of a 1 is a 1): it is always doubled.
+    again = A.broken_digits(x, y, torch.Generator().manual_seed(0))
+    assert torch.equal(again, out)
+    ones = A.broken_digits(x, torch.ones(400, dtype=torch.long), torch.Generator().manual_seed(1))
+    one_boxes = [_box(o[0]) for o in ones]
+    overlaid = sum(w <= h * 1.2 for h, w in one_boxes)
+    assert overlaid < 100  # only the drawn-over-each-other quarter (about 50) is not wide
+    with pytest.raises(ValueError, match="even number"):
+        A.broken_digits(x[:3], y[:3])
+
+
+def test_outlier_batch_mixes_the_set_and_digits_made_broken() -> None:
+    digits, labels = _bar_digits(50)
+    train_set = Dataset(digits, labels, tuple(range(10)))
+    negs = torch.full((30, 1, 28, 28), 77, dtype=torch.uint8)
+    t = config.from_dict({"data": {"negatives_dir": "x"}, "train": {"outlier_weight": 0.5, "outlier_batch": 16,
+                                                                    "outlier_from_digits": 0.25}}).train
+    batch = outlier_batch(negs, train_set, t, torch.Generator().manual_seed(0))
+    assert batch.shape == (16, 1, 28, 28) and batch.dtype == torch.uint8
+    from_set = (batch.flatten(1) == 77).all(1)
+    assert int(from_set.sum()) == 12  # the rest (4) made from the digits
+    t0 = config.from_dict({"data": {"negatives_dir": "x"}, "train": {"outlier_weight": 0.5}}).train
+    assert bool((outlier_batch(negs, train_set, t0, torch.Generator().manual_seed(0)).flatten(1) == 77).all())
+    with pytest.raises(ConfigError, match="outlier_from_digits"):
+        config.from_dict({"train": {"outlier_from_digits": 1.5}})
+
+
 def test_lowres_upsample_kinds() -> None:
     x = torch.zeros(8, 1, 28, 28)
     x[:, :, 6:22, 12:16] = 1.0
@@ -142,3 +199,46 @@ def test_cli_negatives_build(tmp_path: Path) -> None:
     assert "passed preprocessing" in done.stdout and negatives.load(out)[0].shape[1:] == (1, 28, 28)
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert again.returncode != 0 and "not empty" in again.stderr and again.stderr.count("\n") == 1
+
+
+# ------------------------------------------------------------------------------------------- the digit score
+def test_digit_score_is_the_top_logit_over_the_mean_on_the_calibrated_scale() -> None:
+    from digitkit.classify import digit_score
+    from digitkit.evaluate import digit_scores
+
+    z = 4 * torch.randn(50, 10, generator=torch.Generator().manual_seed(0))
+    t = 0.4
+    scores = digit_scores((z / t).softmax(1))
+    assert torch.allclose(scores, (z.amax(1) - z.mean(1)) / t, rtol=1e-4)
+    assert digit_score(torch.full((10,), 0.1)) == pytest.approx(0.0, abs=1e-6)  # "no idea": every class alike
+    one_hot = torch.zeros(10)
+    one_hot[3] = 1.0  # every other class underflowed to 0: still a finite, very high score
+    assert 50 < digit_score(one_hot) < 100
+    assert digit_score(z[0].softmax(0)) == pytest.approx(float(scores[0] * t), rel=1e-4)
+
+
+def test_recognizer_rejects_below_the_digit_score_as_not_a_digit(mnist_small_run, mnist_train) -> None:
+    import dataclasses
+
+    from digitkit.classify import Recognizer
+    from digitkit.preprocess import Preprocessed
+
+    rec = Recognizer.open(mnist_small_run)
+    x = mnist_train.images[-200:].float().div(255)
+    plain = rec.answers([Preprocessed(im) for im in x])
+    scores = torch.tensor([a.digit_score for a in plain])
+    assert all(a.rejected in (None, "low-confidence") for a in plain) and (scores > 0).all()
+    ordered = scores.sort().values
+    gaps = ordered[81:120] - ordered[80:119]  # a cut between two scores well apart, near the median
+    i = 80 + int(gaps.argmax())
+    cut = float(ordered[i] + ordered[i + 1]) / 2
+    rec.inference = dataclasses.replace(rec.inference, reject_below_confidence=0.0, reject_below_digit_score=cut)
+    answers = rec.answers([Preprocessed(im) for im in x])
+    for a, s in zip(answers, scores.tolist(), strict=True):
+        assert (a.rejected == "not-a-digit") == (s < cut)
+        assert a.digit_score == pytest.approx(s, abs=1e-4)  # the score is shown either way
+        if a.rejected:
+            assert a.digit is None and "reject_below_digit_score" in a.record["why"] and a.predicted is not None
+            assert a.to_json()["digit_score"] == a.digit_score
+    with pytest.raises(ConfigError, match="reject_below_digit_score"):
+        config.from_dict({"inference": {"reject_below_digit_score": -1.0}})

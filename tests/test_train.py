@@ -1,3 +1,4 @@
+import hashlib
 import json
 import math
 import os
@@ -260,6 +261,9 @@ def test_realworld_recipe_trains_with_its_non_digits(tmp_path):
     assert summary["val_accuracy"] > 0.5 and summary["calibration"]["fitted"], summary
     opened = runs.open_model(tmp_path / "rw")
     assert opened.ckpt["temperature"] == summary["temperature"] != 1.0
+    negs = summary["negatives"]  # what the rejection was trained on, by content
+    sums = (ROOT / "data" / "negatives" / "SHA256SUMS.raw").read_bytes()
+    assert negs["images"] >= 5000 and negs["sums_sha256"] == hashlib.sha256(sums).hexdigest()
 
 
 @pytest.mark.slow

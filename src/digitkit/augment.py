@@ -666,3 +666,98 @@ def expand(images: torch.Tensor, labels: torch.Tensor, cfg: AugmentConfig, facto
             at = copy * n + start
             out[at : at + len(x)] = y.mul_(255).round_().clamp_(0, 255).to(torch.uint8)
     return out, labels.repeat(factor)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Non-digits made from digits (outlier exposure): partial and doubled digits, fresh every batch.
+
+NOT_PARTIAL = (1,)
+"""Digits never cut into a partial digit: what is left of a 1 is a shorter 1."""
+
+
+def broken_digits(images: torch.Tensor, labels: torch.Tensor, gen: torch.Generator | None = None,
+                  box: int = 20) -> torch.Tensor:  # fmt: skip
+    """Non-digits made from digits: images (2K, 1, H, W) uint8 and their labels -> (K, 1, H, W) uint8.
+
+    Output k is made from images k and K + k: half of them (and every one whose first digit is in NOT_PARTIAL)
+    are doubled digits (the two side by side 0-4 px apart, overlapping by 3-12 px, or one in four drawn over the
+    other shifted by up to 3 px), the rest partial digits (30-55% of the first digit's extent kept along a
+    direction within 20 degrees of up, down, left or right, the rest erased). Each is then brought back to the
+    format preprocessing gives a digit: its ink box scaled so the longer side is `box` px, its centre of mass at
+    the centre. These are what `preprocess` makes of `synth`'s partial_digit and doubled_digit kinds, drawn
+    batched on tensors, so a training run sees new ones every step instead of a fixed set.
+    """
+    if images.ndim != 4 or images.dtype != torch.uint8 or len(images) % 2 or labels.shape != images.shape[:1]:
+        raise ValueError(f"broken_digits needs an even number of images (2K, C, H, W) uint8 and their labels, "
+                         f"got {images.dtype} {tuple(images.shape)} and labels {tuple(labels.shape)}")
+    k = len(images) // 2
+    dev = images.device
+    x = images.float().div(255)
+    a, b = x[:k], x[k:]
+    _, c, h, w = a.shape
+    if k == 0:
+        return images[:0]
+    doubled = (_rand((k,), gen, dev) < 0.5) | torch.isin(labels[:k], torch.tensor(NOT_PARTIAL, device=dev))
+    # Partial: keep the ink whose projection on a direction falls below a quantile of the ink's projections.
+    angle = (90 * torch.floor(_rand((k,), gen, dev) * 4) + _uniform((k,), -20, 20, gen, dev)) * (math.pi / 180)
+    ys, xs = torch.meshgrid(torch.arange(h, device=dev, dtype=x.dtype), torch.arange(w, device=dev, dtype=x.dtype),
+                            indexing="ij")  # fmt: skip
+    proj = torch.cos(angle)[:, None, None] * xs + torch.sin(angle)[:, None, None] * ys  # (K, H, W)
+    ink = a.amax(1) > 0.05
+    flat = torch.where(ink, proj, torch.inf).flatten(1).sort(1).values
+    count = ink.flatten(1).sum(1).clamp(min=1)
+    q = _uniform((k,), 0.3, 0.55, gen, dev)
+    cut = flat.gather(1, (q * count).long().clamp(max=h * w - 1)[:, None]).squeeze(1)
+    partial = a * (proj <= cut[:, None, None])[:, None]
+    # Doubled: b placed `shift` px right of a (20 - overlap, MNIST's 20 px box), or over it, on a 2W-wide canvas.
+    over = _rand((k,), gen, dev) < 0.25
+    side = _rand((k,), gen, dev) < 0.6 / 0.75
+    overlap = torch.where(side, torch.floor(_uniform((k,), -4, 3, gen, dev)),
+                          torch.floor(_uniform((k,), 3, 13, gen, dev)))  # fmt: skip
+    dx = torch.where(over, torch.floor(_uniform((k,), -3, 4, gen, dev)), 20 - overlap)
+    dy = torch.where(over, torch.floor(_uniform((k,), -3, 4, gen, dev)), torch.zeros_like(overlap))
+    canvas = x.new_zeros((k, c, h, 2 * w))
+    canvas[..., :w] = torch.where(doubled[:, None, None, None], a, partial)
+    # b shifted by (dy, dx) px: sampled with a per-sample translation (integer shifts, so no blur).
+    gy = (torch.arange(h, device=dev, dtype=x.dtype)[None, :, None] - dy[:, None, None]).long()
+    gx = (torch.arange(2 * w, device=dev, dtype=x.dtype)[None, None] - dx[:, None, None]).long()
+    valid = (gy >= 0) & (gy < h) & (gx >= 0) & (gx < w)
+    idx = (gy.clamp(0, h - 1) * w + gx.clamp(0, w - 1)).expand(k, h, 2 * w)
+    moved = b.flatten(2).gather(2, idx.flatten(1)[:, None].expand(k, c, h * 2 * w)).view(k, c, h, 2 * w)
+    moved = moved * valid[:, None]
+    canvas = torch.where(doubled[:, None, None, None], torch.maximum(canvas, moved), canvas)
+    return _to_mnist_box(canvas, h, w, box).mul_(255).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _to_mnist_box(canvas: torch.Tensor, h: int, w: int, box: int) -> torch.Tensor:
+    """canvas (K, C, Hc, Wc) in [0, 1] -> (K, C, h, w): the ink box scaled so its longer side is `box` px (blurred
+    first when shrinking, against aliasing), the centre of mass at the centre."""
+    k, _, hc, wc = canvas.shape
+    dev, dt = canvas.device, canvas.dtype
+    mass = canvas.amax(1)  # (K, Hc, Wc)
+    ink = mass > 0.05
+    rows, cols = ink.any(2), ink.any(1)
+    ar_h, ar_w = torch.arange(hc, device=dev, dtype=dt), torch.arange(wc, device=dev, dtype=dt)
+    big = torch.tensor(1e9, device=dev, dtype=dt)
+    y0 = torch.where(rows, ar_h, big).amin(1)
+    y1 = torch.where(rows, ar_h, -big).amax(1)
+    x0 = torch.where(cols, ar_w, big).amin(1)
+    x1 = torch.where(cols, ar_w, -big).amax(1)
+    extent = torch.maximum(y1 - y0 + 1, x1 - x0 + 1).clamp(min=1)
+    scale = box / extent  # output px per canvas px
+    total = mass.sum((1, 2)).clamp(min=1e-6)
+    cy = (mass.sum(2) * ar_h).sum(1) / total
+    cx = (mass.sum(1) * ar_w).sum(1) / total
+    shrink = scale < 1
+    if bool(shrink.any()):
+        sigma = torch.where(shrink, 0.5 * (1 / scale - 1).clamp(min=1e-3), torch.full_like(scale, 1e-3))
+        canvas = _gaussian_blur(canvas, sigma)
+    # Output pixel (u, v) samples the canvas at centre + (u - (w - 1) / 2) / scale (align_corners=False grid).
+    u = torch.arange(w, device=dev, dtype=dt) - (w - 1) / 2
+    v = torch.arange(h, device=dev, dtype=dt) - (h - 1) / 2
+    px = cx[:, None] + u[None] / scale[:, None]  # (K, w) canvas x
+    py = cy[:, None] + v[None] / scale[:, None]  # (K, h) canvas y
+    gxn = (2 * px + 1) / wc - 1
+    gyn = (2 * py + 1) / hc - 1
+    grid = torch.stack(torch.broadcast_tensors(gxn[:, None, :], gyn[:, :, None]), -1)  # (K, h, w, 2)
+    return F.grid_sample(canvas, grid, mode="bilinear", padding_mode="zeros", align_corners=False)

@@ -233,7 +233,8 @@ def _robustness(ev: dict[str, Any], run_arg: str) -> list[str]:
                      "raw softmax (T = 1).")  # fmt: skip
     rej = ev.get("rejection_at_config")
     if rej:
-        lines.append(f"- At the rejection threshold {rej['threshold']}: {_pct(rej['coverage'])} answered, "
+        score = f" and digit score {rej['digit_score']}" if rej.get("digit_score") else ""
+        lines.append(f"- At the rejection threshold {rej['threshold']}{score}: {_pct(rej['coverage'])} answered, "
                      f"{_pct(rej['accuracy_answered'])} of those right.")  # fmt: skip
     cs = ev.get("corruption_summary")
     rob = ev.get("robustness") or {}

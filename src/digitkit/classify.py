@@ -5,7 +5,8 @@ An answer is a digit with its confidence and all class probabilities, or `digit:
   unreadable      the file is not an image we can decode (the message says why)
   empty           no contrast at all: a blank page or an untouched canvas
   no-ink          nothing left once specks and border shadows are dropped
-  not-a-digit     the ink does not look like one handwritten digit (a filled blob, a texture, a scribble)
+  not-a-digit     the ink does not look like one handwritten digit (a filled blob, a texture), or the model's
+                  digit score is below `inference.reject_below_digit_score` (see `digit_score`)
   low-confidence  the model's top probability is below `inference.reject_below_confidence`
 """
 
@@ -21,7 +22,7 @@ from torch import nn
 from digitkit.calibration import check_temperature, temperature_of
 from digitkit.config import Config, InferenceConfig
 from digitkit.errors import DataError
-from digitkit.evaluate import predict_probs
+from digitkit.evaluate import digit_scores, predict_probs
 from digitkit.preprocess import PreprocessConfig, Preprocessed, preprocess
 
 REASONS = ("unreadable", "empty", "no-ink", "not-a-digit", "low-confidence")
@@ -44,6 +45,10 @@ class Answer:
     top_k: list[tuple[str, float]] = field(default_factory=list)
     predicted: str | None = None
     """The model's top class even when rejected for low confidence (what it would have said)."""
+    digit_score: float | None = None
+    """How far the model's answer is from "no idea" (all classes alike): the mean over the classes of
+    log(p_top / p_i), from the calibrated probabilities. A model trained with non-digits (outlier exposure) gives
+    them a low score; None when the model did not run."""
     error: str | None = None
     """For `unreadable`: what was wrong with the input."""
     record: dict[str, Any] = field(default_factory=dict)
@@ -153,16 +158,22 @@ class Recognizer:
         conf, idx = p.max(0)
         k = min(max(top_k, 1), len(self.classes))
         top = torch.topk(p, k)
+        score = digit_score(p)
         answer = Answer(
             digit=self.classes[int(idx)], confidence=round(float(conf), 6),
             probabilities=[round(float(v), 6) for v in p], predicted=self.classes[int(idx)],
             top_k=[(self.classes[int(j)], round(float(v), 6)) for v, j in zip(top.values, top.indices, strict=True)],
-            record=record, x=x,
+            digit_score=round(score, 4), record=record, x=x,
         )  # fmt: skip
         shape = ink_shape(x)
         if shape["coverage"] > MAX_INK_COVERAGE or (shape["box_fill"] > MAX_BOX_FILL and shape["box_min_side"] >= 10):
             answer.digit, answer.rejected = None, "not-a-digit"
             answer.record = {**record, "ink_shape": shape}
+        elif score < self.inference.reject_below_digit_score:
+            answer.digit, answer.rejected = None, "not-a-digit"
+            answer.record = {**record, "why": f"digit score {score:.3f} below inference.reject_below_digit_score "
+                                              f"{self.inference.reject_below_digit_score:g}: the model was trained to "
+                                              "answer like this for what is not a digit"}  # fmt: skip
         elif float(conf) < self.inference.reject_below_confidence:
             answer.digit, answer.rejected = None, "low-confidence"
         return answer
@@ -216,6 +227,11 @@ class Recognizer:
         if compiled is not None:  # linear time whatever the pattern (digitkit.realworld.pattern)
             result.update(pattern=pattern, pattern_ok=compiled.fullmatch(text))
         return result
+
+
+def digit_score(p: torch.Tensor) -> float:
+    """p (K,) probabilities -> the mean over the classes of log(p_top / p_i) (evaluate.digit_scores)."""
+    return float(digit_scores(p[None])[0])
 
 
 def ink_shape(x: torch.Tensor) -> dict[str, float]:

@@ -598,6 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--top-k", type=_positive, default=3, help="most likely digits to list (default 3)")
     pr.add_argument("--show-preprocessed", metavar="DIR", help="write the 28x28 images the model saw")
     pr.add_argument("--reject-below", type=float, help="override inference.reject_below_confidence")
+    pr.add_argument("--reject-below-score", type=float, help="override inference.reject_below_digit_score (0 = off)")
     pr.add_argument("--noise-defence", type=float, help="override inference.noise_defence_sigma (0 = off)")
     pr.add_argument("--record", action="store_true", help="with --json: include what preprocessing did")
     pr.set_defaults(func=cmd_predict)
@@ -608,6 +609,7 @@ def build_parser() -> argparse.ArgumentParser:
     rd.add_argument("--pattern", help="regular expression the whole string must match; exit code 1 if not")
     rd.add_argument("--top-k", type=_positive, default=3)
     rd.add_argument("--reject-below", type=float, help="override inference.reject_below_confidence")
+    rd.add_argument("--reject-below-score", type=float, help="override inference.reject_below_digit_score (0 = off)")
     rd.add_argument("--json", action="store_true")
     rd.set_defaults(func=cmd_read)
 
@@ -967,7 +969,12 @@ def _recognizer(args: argparse.Namespace) -> Any:
     if engine == "onnx":
         from digitkit.engine import open_recognizer
 
-        rec = open_recognizer(args.model)
+        expect = None
+        if not str(args.model).endswith(".onnx"):  # a run folder: its export must come from its checkpoint as it
+            from digitkit import runs  # is now (`digitkit calibrate` rewrites it, with a new temperature)
+
+            expect = runs.checkpoint_sha256(runs.open_model(args.model).checkpoint_path)
+        rec = open_recognizer(args.model, expect_checkpoint_sha256=expect)
     elif str(args.model).endswith(".onnx"):
         raise ConfigError(f"--model {args.model} is an ONNX file; use --engine onnx (or give the run folder)")
     else:
@@ -975,6 +982,8 @@ def _recognizer(args: argparse.Namespace) -> Any:
     changes = {}
     if getattr(args, "reject_below", None) is not None:
         changes["reject_below_confidence"] = args.reject_below
+    if getattr(args, "reject_below_score", None) is not None:
+        changes["reject_below_digit_score"] = args.reject_below_score
     if getattr(args, "noise_defence", None) is not None:
         changes["noise_defence_sigma"] = args.noise_defence
     rec.inference = dataclasses.replace(rec.inference, **changes)  # checked like config values

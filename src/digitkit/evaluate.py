@@ -127,19 +127,37 @@ def accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:
     return int((probs.argmax(1) == labels).sum()) / max(len(labels), 1)
 
 
-def rejection_curve(probs: torch.Tensor, labels: torch.Tensor, thresholds: tuple[float, ...] | None = None) -> list:
+SCORE_FLOOR = 1e-30
+"""Probabilities are floored here before the log in digit_scores: a float32 softmax underflows to 0 for classes far
+below the top one, and those only make a score (already far above any threshold) a little lower than exact."""
+
+
+def digit_scores(probs: torch.Tensor) -> torch.Tensor:
+    """probs (N, K) -> (N,): the mean over the classes of log(p_top / p_i), 0 when all classes are alike (what
+    outlier exposure teaches a model to answer for a non-digit), larger the more one class stands out. Taken from
+    probabilities, not logits, so an ONNX export (whose graph ends in the softmax) scores alike; it equals
+    (top logit - mean logit) / T. inference.reject_below_digit_score rejects below it."""
+    logp = probs.float().clamp_min(SCORE_FLOOR).log()
+    return logp.amax(1) - logp.mean(1)
+
+
+def rejection_curve(probs: torch.Tensor, labels: torch.Tensor, thresholds: tuple[float, ...] | None = None,
+                    digit_score: float = 0.0) -> list:  # fmt: skip
     """What a confidence threshold trades: for each threshold, the share of images answered (coverage), the
-    accuracy on those answered, and the errors and correct answers it turns into rejections."""
+    accuracy on those answered, and the errors and correct answers it turns into rejections. `digit_score`: a
+    digit-score threshold applied too (an image below it is rejected whatever its confidence)."""
     thresholds = thresholds or (0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
     conf, preds = probs.max(1)
+    scored = digit_scores(probs) >= digit_score if digit_score > 0 else torch.ones_like(conf, dtype=torch.bool)
     correct = preds == labels
     n = max(len(labels), 1)
     rows = []
     for t in thresholds:
-        answered = conf >= t
+        answered = (conf >= t) & scored
         n_ans = int(answered.sum())
         rows.append({
             "threshold": t,
+            **({"digit_score": digit_score} if digit_score > 0 else {}),
             "coverage": n_ans / n,
             "accuracy_answered": int((correct & answered).sum()) / max(n_ans, 1),
             "errors_answered": int((~correct & answered).sum()),
@@ -288,7 +306,8 @@ def evaluate_model(
                                                          results, opts.calibration_bins)  # fmt: skip
     threshold = float(getattr(inference, "reject_below_confidence", 0.0))
     if inference is not None:
-        row = rejection_curve(probs, labels, (threshold,))[0]
+        score = float(getattr(inference, "reject_below_digit_score", 0.0))
+        row = rejection_curve(probs, labels, (threshold,), score)[0]
         results["rejection_at_config"] = row
     if slices:
         results["slices"] = metrics.slice_report(labels, probs, slices, classes)

@@ -303,11 +303,13 @@ def _pil_channels(img: Image.Image, max_side: int | None) -> tuple[np.ndarray, n
     if mode.startswith("I;16") or mode in ("I", "F"):
         kind = np.dtype(np.float32) if mode == "F" else np.dtype(np.int32)  # F: floats in [0, 1] (or 0-255)
         return _scale_numbers(np.asarray(img).astype(np.float32), kind), None
-    img = img.convert("LA" if mode in ("RGBA", "RGBa", "LA", "La", "PA") else "L")
+    target = "LA" if mode in ("RGBA", "RGBa", "LA", "La", "PA") else "L"
+    if mode != target:  # (converting to its own mode would only copy it: a JPEG is decoded straight to L)
+        img = img.convert(target)
     if max_side and max(img.size) > max_side:
         s = max_side / max(img.size)
         img = img.resize((max(1, round(img.width * s)), max(1, round(img.height * s))), Image.Resampling.BOX)
-    a = np.asarray(img, dtype=np.float32) / 255.0
+    a = np.divide(np.asarray(img), np.float32(255.0), dtype=np.float32)  # the same float32 division, in one pass
     return (a[..., 0], a[..., 1]) if a.ndim == 3 else (a, None)
 
 
@@ -649,12 +651,15 @@ def _read(gray: np.ndarray, cfg: PreprocessConfig, survey: _Survey, reading: _Re
     inv = 1.0 / room
     scale_a, scale_b = ((1.0 - b) * inv, -inv) if light else (-b * inv, inv)
     if np.ndim(b):
-        scale_b = _upsample(scale_b, h, w)
+        # Made in place in B's full-size copy (a new array): B gray, then + A.
+        f = _upsample(scale_b, h, w)
+        f *= gray
         # Pen on paper with no ground darker than the limit: A is exactly 1 everywhere, no need to bring it over.
         unclamped = light and bool(np.all(room == 1.0 - b))
-        scale_a = np.float32(1.0) if unclamped else _upsample(scale_a, h, w)
-    f = np.multiply(gray, scale_b, dtype=np.float32)
-    f += np.float32(scale_a) if np.ndim(scale_a) == 0 else scale_a
+        f += np.float32(1.0) if unclamped else _upsample(scale_a, h, w)
+    else:
+        f = np.multiply(gray, scale_b, dtype=np.float32)
+        f += np.float32(scale_a)
 
     step = max(1, math.ceil(math.sqrt(h * w / _SAMPLE_PIXELS)))  # global statistics from a regular sample
     sample = f[::step, ::step]
@@ -683,8 +688,8 @@ def _read(gray: np.ndarray, cfg: PreprocessConfig, survey: _Survey, reading: _Re
         return *empty, record
 
     # Hysteresis: faint parts of a stroke (weak) count when they touch a clearly inked pixel (strong).
-    labels, n = _ndimage().label(f > t_low, structure=_EIGHT)
-    keep, area, boxes, mass = _keep_components(labels, n, strong, f, t, cfg, record, photo=photo)
+    labels, n, region = _label(f > t_low)
+    keep, area, boxes, mass = _keep_components(labels, n, strong, f, t, cfg, record, photo=photo, region=region)
     if not keep.any():
         record["rejected"] = "no-ink"
         record["why"] = "every ink component was a speck or a border shadow"
@@ -806,28 +811,36 @@ def _block_mean(a: np.ndarray, side: int) -> np.ndarray:
 def _upsample(a: np.ndarray, h: int, w: int) -> np.ndarray:
     """A small (zh, zw) array brought to (h, w) by bilinear interpolation between pixel centres, clamped at the
     edges as PIL's resize does (to float rounding), done separably with gathers: 3x faster than PIL on a float
-    image, and no BLAS call (whose threads would fight a training job for the cores)."""
+    image, and no BLAS call (whose threads would fight a training job for the cores). Returns a new array (or `a`
+    itself when it is already (h, w))."""
     a = np.asarray(a, np.float32)
     if a.shape == (h, w):
         return a
     # Columns first, on the few rows of the small array; then whole rows, which gather as contiguous copies.
-    lo, hi, frac = _interpolation(w, a.shape[1])
-    cols = a[:, lo] + (a[:, hi] - a[:, lo]) * frac
-    lo, hi, frac = _interpolation(h, a.shape[0])
-    out = cols[hi] - cols[lo]
-    out *= frac[:, None]
-    out += cols[lo]
+    lo, frac = _interpolation(w, a.shape[1])
+    cols = _lerp(a, lo, frac, 1)
+    lo, frac = _interpolation(h, a.shape[0])
+    return _lerp(cols, lo, frac[:, None], 0)
+
+
+def _lerp(a: np.ndarray, lo: np.ndarray, frac: np.ndarray, axis: int) -> np.ndarray:
+    """a[lo] + (a[hi] - a[lo]) * frac along `axis`, hi being lo's next sample (lo itself at the last): the
+    differences are taken on the small array and gathered with np.take (several times faster than fancy indexing
+    here), two full-size gathers instead of three, and every pixel gets the same float operations."""
+    step = np.diff(a, axis=axis, append=np.take(a, [-1], axis=axis))  # the last sample's step: itself minus itself
+    out = np.take(step, lo, axis=axis)
+    out *= frac
+    out += np.take(a, lo, axis=axis)
     return out
 
 
 @functools.lru_cache(maxsize=64)
-def _interpolation(n: int, m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(lower index, upper index, weight of the upper) for linear interpolation from m samples to n, pixel
-    centres aligned. Cached: a server sees the same few sizes again and again."""
+def _interpolation(n: int, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """(lower index, weight of the next one) for linear interpolation from m samples to n, pixel centres aligned.
+    Cached: a server sees the same few sizes again and again."""
     pos = np.clip((np.arange(n) + 0.5) * (m / n) - 0.5, 0, m - 1)
     lo = np.floor(pos).astype(np.intp)
-    hi = np.minimum(lo + 1, m - 1)
-    return lo, hi, (pos - lo).astype(np.float32)
+    return lo, (pos - lo).astype(np.float32)
 
 
 def _paper_level(z: np.ndarray, k: int) -> np.ndarray:
@@ -836,8 +849,34 @@ def _paper_level(z: np.ndarray, k: int) -> np.ndarray:
     gradient or a vignette past the border (a flat or mirrored extension would bend it, and the paper level along
     the border would come out too low: a bright frame of false ink)."""
     pad = k // 2 + 1
-    ext = np.pad(z, pad, mode="reflect", reflect_type="odd") if min(z.shape) > 1 else np.pad(z, pad, mode="edge")
-    return _ndimage().grey_opening(ext, size=(k, k), mode="nearest")[pad:-pad, pad:-pad]
+    if min(z.shape) > pad:
+        ext = _point_reflect(z, pad)
+    else:
+        ext = np.pad(z, pad, mode="reflect", reflect_type="odd") if min(z.shape) > 1 else np.pad(z, pad, mode="edge")
+    # ndimage.grey_opening(ext, size=(k, k), mode="nearest") as the four 1-d passes it makes (the erosion's min
+    # along each axis, then the dilation's max, whose origin is shifted by one for an even window), without the
+    # cost of its wrappers, which is most of the time on an array this small.
+    nd = _ndimage()
+    origin = -1 if k % 2 == 0 else 0
+    out = nd.minimum_filter1d(ext, k, 0, mode="nearest")
+    nd.minimum_filter1d(out, k, 1, output=out, mode="nearest")
+    nd.maximum_filter1d(out, k, 0, output=out, mode="nearest", origin=origin)
+    nd.maximum_filter1d(out, k, 1, output=out, mode="nearest", origin=origin)
+    return out[pad:-pad, pad:-pad]
+
+
+def _point_reflect(z: np.ndarray, pad: int) -> np.ndarray:
+    """np.pad(z, pad, mode="reflect", reflect_type="odd") for pad < min(z.shape): 2 x edge - mirror image, made
+    directly (np.pad's general machinery costs more than the arithmetic on a copy this small). Rows first, then
+    columns over the extended rows, as np.pad does, so the corners come out the same."""
+    h, w = z.shape
+    ext = np.empty((h + 2 * pad, w + 2 * pad), z.dtype)
+    ext[pad:-pad, pad:-pad] = z
+    ext[:pad, pad:-pad] = 2 * z[0] - z[pad:0:-1]
+    ext[-pad:, pad:-pad] = 2 * z[-1] - z[-2 : -2 - pad : -1]
+    ext[:, :pad] = 2 * ext[:, pad : pad + 1] - ext[:, 2 * pad : pad : -1]
+    ext[:, -pad:] = 2 * ext[:, -pad - 1 : -pad] - ext[:, -pad - 2 : -2 * pad - 2 : -1]
+    return ext
 
 
 def _background(survey: _Survey, light: bool, local: bool) -> tuple[Any, dict[str, Any]]:
@@ -898,21 +937,49 @@ def _otsu(f: np.ndarray) -> float:
     return (int(np.argmax(between)) + 0.5) / 255.0
 
 
+def _label(mask: np.ndarray) -> tuple[np.ndarray, int, tuple[slice, slice] | None]:
+    """ndimage.label (8-connected) of `mask`: (labels, count, a region holding every label, None for the whole
+    image). Labelled on the bounding box of the mask's pixels only, often a small part of a photo (labelling,
+    counting and boxing the labels cost ~5 ns a pixel): the labels are the same, since cutting away empty rows and
+    columns changes neither the raster order in which components are met and numbered nor which pixels touch."""
+    h, w = mask.shape
+    # (Under about 128x128 the cut costs more than it saves.)
+    rows = np.flatnonzero(mask.any(1)) if h * w > 16384 else []
+    cols = np.flatnonzero(mask[rows[0] : rows[-1] + 1].any(0)) if len(rows) else []
+    if len(rows) == 0 or (len(rows) == h and len(cols) == w):  # nothing to cut away
+        labels, n = _ndimage().label(mask, structure=_EIGHT)
+        return labels, n, None
+    region = (slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1))
+    part, n = _ndimage().label(mask[region], structure=_EIGHT)
+    labels = np.zeros((h, w), part.dtype)
+    labels[region] = part
+    return labels, n, region
+
+
 def _keep_components(labels: np.ndarray, n: int, strong: np.ndarray, f: np.ndarray, threshold: Any,
-                     cfg: PreprocessConfig, record: dict[str, Any], photo: bool = True
+                     cfg: PreprocessConfig, record: dict[str, Any], photo: bool = True,
+                     region: tuple[slice, slice] | None = None
                      ) -> tuple[np.ndarray, np.ndarray, list[Any], np.ndarray]:  # fmt: skip
     """(Boolean lookup over labels 0..n: which weak components are ink that counts, areas, boxes, ink masses).
     Border shadows are looked for in photos; on flat paper only strips lining a side (a page edge) are dropped,
     since there a component along the border is a digit cut tight. Specks are small in ink mass (how far their
     clearly inked pixels rise above the threshold, summed) next to the most inked component: paper texture and
-    shadow remnants graze the threshold, strokes rise well above it."""
+    shadow remnants graze the threshold, strokes rise well above it. `region`: where all the labels are (areas
+    and boxes are counted there; the rest is background)."""
     keep = np.zeros(n + 1, bool)
     comps = {"found": int(n), "without_strong_pixels": 0, "border_shadows": 0, "specks": 0}
     record["components"] = comps
-    area = np.bincount(labels.ravel(), minlength=n + 1)
+    inside = labels[region] if region is not None else labels
+    area = np.bincount(inside.ravel(), minlength=n + 1)
+    if region is not None:
+        area[0] += labels.size - inside.size
     if n == 0:
         return keep, area, [], np.zeros(1)
-    boxes = _ndimage().find_objects(labels)
+    boxes = _ndimage().find_objects(inside)
+    y0, x0 = (region[0].start, region[1].start) if region is not None else (0, 0)
+    if y0 or x0:
+        boxes = [(slice(b[0].start + y0, b[0].stop + y0), slice(b[1].start + x0, b[1].stop + x0))
+                 if b is not None else None for b in boxes]  # fmt: skip
     on = labels[strong]
     # Each clearly inked pixel weighs by how far it rises above the strong threshold: texture grazes it.
     mass = np.bincount(on, weights=f[strong] - float(np.min(threshold)), minlength=n + 1)
@@ -1000,7 +1067,7 @@ def _normalize(crop: np.ndarray, cfg: PreprocessConfig, soften: float = 0.0) -> 
         radius = 1.6 * (k * MNIST_STROKE_PX - width * s) / 2
         for _ in range(3):
             pad = math.ceil(radius) + 1
-            digit = _to_box(_ndimage().grey_dilation(np.pad(g, pad), footprint=_disk(pad, radius)), cfg.box)
+            digit = _to_box(_dilate_disk(np.pad(g, pad), pad, radius), cfg.box)
             achieved = stroke_width(digit >= 0.5)
             if achieved >= MNIST_STROKE_PX - 0.2:
                 break
@@ -1022,6 +1089,30 @@ def _disk(pad: int, radius: float) -> np.ndarray:
     """A (2 pad + 1)^2 boolean disk footprint of `radius` (cached: the thickening asks for the same few)."""
     yy, xx = np.mgrid[-pad : pad + 1, -pad : pad + 1]
     return xx**2 + yy**2 <= radius**2
+
+
+def _dilate_disk(a: np.ndarray, pad: int, radius: float) -> np.ndarray:
+    """ndimage.grey_dilation(a, footprint=_disk(pad, radius)) for `a` >= 0 framed by `pad` zero rows and columns
+    (beyond its border that reads 0 as well, as it does here): the max over the disk taken as the max over its
+    rows, each a centred run: one maximum_filter1d along the rows per run length, then one np.maximum per row of
+    the disk, shifted. The same values (a max is exact in any order), 1.5-10x faster than the 2-d filter (the
+    larger the disk, the more)."""
+    disk = _disk(pad, radius)
+    half = disk.sum(1) // 2  # row pad + dy of the disk: columns -half..half
+    runs: dict[int, np.ndarray] = {}
+    for n in set(half[disk.any(1)].tolist()):
+        runs[n] = _ndimage().maximum_filter1d(a, 2 * n + 1, axis=1, mode="constant") if n else a
+    out = runs[int(half[pad])].copy()
+    h = a.shape[0]  # (at least 2 pad + 1)
+    for dy in range(1, min(pad, h - 1) + 1):
+        for row in (pad + dy, pad - dy):  # out[y] takes the run at y + dy, then at y - dy
+            if disk[row].any():
+                run = runs[int(half[row])]
+                if row > pad:
+                    np.maximum(out[: h - dy], run[dy:], out=out[: h - dy])
+                else:
+                    np.maximum(out[dy:], run[: h - dy], out=out[dy:])
+    return out
 
 
 def _to_box(crop: np.ndarray, box: int) -> np.ndarray:

@@ -86,6 +86,16 @@ def load_negatives(cfg: Config, shape: tuple[int, int] = (28, 28)) -> torch.Tens
     return deskewed(ds.images) if cfg.preprocess.deskew else ds.images
 
 
+def negatives_record(cfg: Config, negatives: torch.Tensor | None) -> dict[str, Any] | None:
+    """What a run trained its rejection on, for its summary: the folder, how many images, and the SHA-256 of the
+    folder's SHA256SUMS.raw (so two runs can be shown to have used the same non-digits wherever they were)."""
+    if negatives is None:
+        return None
+    sums = Path(cfg.data.negatives_dir) / "SHA256SUMS.raw"
+    digest = hashlib.sha256(sums.read_bytes()).hexdigest() if sums.is_file() else None
+    return {"dir": str(cfg.data.negatives_dir), "images": len(negatives), "sums_sha256": digest}
+
+
 def prepared(ds: data.Dataset, cfg: Config) -> data.Dataset:
     """The data set as the model is trained and measured on: deskewed when `preprocess.deskew` is on, so
     training, validation, test and real-world input (preprocess) all share the same deskew."""
@@ -195,7 +205,8 @@ def train_run(
         seconds = time.perf_counter() - started + earlier_seconds
         summary = finish_run(cfg, run_dir, state.history, val_set, test_set, seconds,
                              stopped_early=state.stopped_early, extra_training_images=extra_images,
-                             data_seconds=data_seconds, fit_state=state)  # fmt: skip
+                             data_seconds=data_seconds, fit_state=state,
+                             negatives=negatives_record(cfg, negatives))  # fmt: skip
     return distributed.broadcast(summary, world)
 
 
@@ -210,6 +221,7 @@ def finish_run(
     extra_training_images: int = 0,
     data_seconds: float = 0.0,
     fit_state: FitState | None = None,
+    negatives: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate the best checkpoint (chosen on validation) once on the test set; plots and summary.json.
 
@@ -262,6 +274,7 @@ def finish_run(
         "classes": val_set.classes,
         "augment_enabled": cfg.augment.enabled,
         "extra_training_images": extra_training_images,
+        **({"negatives": negatives} if negatives else {}),
         "seed": cfg.seed,
         "processes": distributed.world().size,
         "device": str(device),

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from digitkit import checkpoint, distributed, optim
-from digitkit.augment import AugmentConfig, augment_batch
+from digitkit.augment import AugmentConfig, augment_batch, broken_digits
 from digitkit.config import Config, TrainConfig
 from digitkit.data import Dataset
 from digitkit.evaluate import loss_and_accuracy, predict_logits
@@ -186,7 +186,7 @@ def fit(
             idx = perm[step * batch_size : (step + 1) * batch_size]
             extra = None
             if outliers is not None:  # drawn from the epoch's generator: a resumed run draws the same ones
-                extra = outliers[torch.randint(len(outliers), (t.outlier_batch,), generator=g).to(outliers.device)]
+                extra = outlier_batch(outliers, train_set, t, g)
             x, y = load_batch(train_set, idx, cfg.augment, g, device, memory_format, extra)
             loss, logits = optimizer_step(model, opt, x, y)
             if ema is not None:
@@ -303,6 +303,19 @@ def load_batch(
     if augment.enabled:
         x = augment_batch(x, augment, g)
     return x.contiguous(memory_format=memory_format), y
+
+
+def outlier_batch(negatives: torch.Tensor, train_set: Dataset, t: TrainConfig, g: torch.Generator) -> torch.Tensor:
+    """One batch's non-digits (train.outlier_batch, uint8): a train.outlier_from_digits share made from training
+    digits (augment.broken_digits), the rest drawn from `negatives`."""
+    made = round(t.outlier_batch * t.outlier_from_digits)
+    drawn = negatives[torch.randint(len(negatives), (t.outlier_batch - made,), generator=g).to(negatives.device)]
+    if not made:
+        return drawn
+    src = torch.randint(len(train_set), (2 * made,), generator=g).to(train_set.images.device)
+    box = max(4, round(20 * train_set.images.shape[-2] / 28))  # MNIST's 20 px box in 28, scaled to the set's size
+    broken = broken_digits(train_set.images[src], train_set.labels[src], g, box=box).to(negatives.device)
+    return torch.cat([drawn, broken])
 
 
 def train_step(

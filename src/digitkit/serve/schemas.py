@@ -70,6 +70,9 @@ class Prediction(BaseModel):
                                        "before the model ran (unreadable, empty, no-ink)")
     rejected: str | None = Field(..., description="null, or unreadable, empty, no-ink, not-a-digit, low-confidence")
     predicted: str | None = Field(None, description="the model's top class, even when rejected for low confidence")
+    digit_score: float | None = Field(None, description="mean over the classes of log(p_top / p_i): low when the "
+                                      "answer is close to 'no idea', which a model trained with non-digits gives "
+                                      "them (null when the model did not run)")
     input_kind: str | None = Field(None, description="what preprocessing took the image for: clean, canvas, photo "
                                    "or scan (null when it could not be read)")
     top_k: list[TopK]
