@@ -283,14 +283,7 @@ def evaluate(rec: Recognizer, sets: dict, junk: list[np.ndarray], negatives: lis
                 row[f"{name}_accuracy"] = sum(ok) / len(group)
             row["negatives_rejected"] = sum(_verdict(o, t) != "answered" for o in pooled) / len(pooled)
             out["curve"].append(row)
-        out["score_curve"] = []
-        for s in SCORE_CURVE:
-            rej = [_verdict(o, 0.0, s) != "answered" for o in all_digits]
-            ok = [o["ok"] for o, r in zip(all_digits, rej, strict=True) if not r]
-            out["score_curve"].append({
-                "digit_score": s, "digits_rejected": sum(rej) / len(rej), "digits_accuracy_answered":
-                sum(ok) / max(len(ok), 1), "negatives_rejected": sum(_verdict(o, 0.0, s) != "answered"
-                                                                     for o in pooled) / len(pooled)})  # fmt: skip
+        out["score_curve"] = [{"digit_score": s, **_rates(all_digits, pooled, 0.0, s)} for s in SCORE_CURVE]
         out["threshold_choice"] = choose_threshold(all_digits, pooled)
         out["thresholds_choice"] = choose_thresholds(all_digits, pooled)
         out["at_default"] = {"confidence": threshold, "digit_score": score_threshold, **_rates(

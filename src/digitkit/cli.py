@@ -969,12 +969,7 @@ def _recognizer(args: argparse.Namespace) -> Any:
     if engine == "onnx":
         from digitkit.engine import open_recognizer
 
-        expect = None
-        if not str(args.model).endswith(".onnx"):  # a run folder: its export must come from its checkpoint as it
-            from digitkit import runs  # is now (`digitkit calibrate` rewrites it, with a new temperature)
-
-            expect = runs.checkpoint_sha256(runs.open_model(args.model).checkpoint_path)
-        rec = open_recognizer(args.model, expect_checkpoint_sha256=expect)
+        rec = open_recognizer(args.model)  # a run folder's export is checked against its checkpoint
     elif str(args.model).endswith(".onnx"):
         raise ConfigError(f"--model {args.model} is an ONNX file; use --engine onnx (or give the run folder)")
     else:

@@ -115,13 +115,20 @@ def open_recognizer(path: str | Path, threads: int = 0, torch_model: torch.nn.Mo
     """A Recognizer answering through ONNX Runtime, configured from the file's metadata alone.
 
     `torch_model` (the same checkpoint's PyTorch model) is kept for what ONNX cannot do: gradient explanations.
-    `expect_checkpoint_sha256` refuses a stale export (written from another checkpoint than the one being served).
+    `expect_checkpoint_sha256` refuses a stale export (written from another checkpoint than the one being served);
+    given a run folder or checkpoint rather than an .onnx file, the export is always checked against that
+    checkpoint as it is now (`digitkit calibrate` rewrites it, with a new temperature).
     """
     from digitkit.classify import Recognizer
     from digitkit.config import InferenceConfig
     from digitkit.preprocess import PreprocessConfig
 
     engine = OnnxModel(onnx_path(path), threads)
+    if expect_checkpoint_sha256 is None and Path(path).suffix != ".onnx":
+        from digitkit.checkpoint import resolve
+        from digitkit.idx import sha256
+
+        expect_checkpoint_sha256 = sha256(resolve(path).read_bytes())
     contract = engine.contract()
     exported_from = engine.metadata["checkpoint_sha256"]
     if expect_checkpoint_sha256 is not None and exported_from != expect_checkpoint_sha256:

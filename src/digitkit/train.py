@@ -143,6 +143,9 @@ def fit(
             raise ValueError(f"negatives are {negatives.dtype} {tuple(negatives.shape[1:])}, the digits uint8 "
                              f"{tuple(train_set.images.shape[1:])}: they must match")  # fmt: skip
         outliers = negatives.to(device)
+        # Digits made broken are fitted like preprocessing fits a digit (preprocess.box of preprocess.size px),
+        # scaled to this set's image size.
+        outlier_box = max(4, round(cfg.preprocess.box * train_set.images.shape[-2] / cfg.preprocess.size))
     opt = make_optimizer(model.parameters(), t)
     sched, sched_every = make_schedule(opt, t, steps_per_epoch)
     ema = make_ema(model, t.ema_decay)
@@ -186,7 +189,7 @@ def fit(
             idx = perm[step * batch_size : (step + 1) * batch_size]
             extra = None
             if outliers is not None:  # drawn from the epoch's generator: a resumed run draws the same ones
-                extra = outlier_batch(outliers, train_set, t, g)
+                extra = outlier_batch(outliers, train_set, t, g, outlier_box)
             x, y = load_batch(train_set, idx, cfg.augment, g, device, memory_format, extra)
             loss, logits = optimizer_step(model, opt, x, y)
             if ema is not None:
@@ -305,15 +308,16 @@ def load_batch(
     return x.contiguous(memory_format=memory_format), y
 
 
-def outlier_batch(negatives: torch.Tensor, train_set: Dataset, t: TrainConfig, g: torch.Generator) -> torch.Tensor:
+def outlier_batch(negatives: torch.Tensor, train_set: Dataset, t: TrainConfig, g: torch.Generator,
+                  box: int = 20) -> torch.Tensor:  # fmt: skip
     """One batch's non-digits (train.outlier_batch, uint8): a train.outlier_from_digits share made from training
-    digits (augment.broken_digits), the rest drawn from `negatives`."""
+    digits (augment.broken_digits, fitted to a `box`-px ink box as preprocessing fits a digit), the rest drawn
+    from `negatives`."""
     made = round(t.outlier_batch * t.outlier_from_digits)
     drawn = negatives[torch.randint(len(negatives), (t.outlier_batch - made,), generator=g).to(negatives.device)]
     if not made:
         return drawn
     src = torch.randint(len(train_set), (2 * made,), generator=g).to(train_set.images.device)
-    box = max(4, round(20 * train_set.images.shape[-2] / 28))  # MNIST's 20 px box in 28, scaled to the set's size
     broken = broken_digits(train_set.images[src], train_set.labels[src], g, box=box).to(negatives.device)
     return torch.cat([drawn, broken])
 
