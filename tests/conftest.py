@@ -88,6 +88,26 @@ def mnist_small_run(tmp_path_factory, mnist_train) -> Path:
 
 
 @pytest.fixture(scope="session")
+def row_reader_run(tmp_path_factory, mnist_train) -> Path:
+    """A tiny row reader (crnn 8/16/32 channels, task: sequence, 2 epochs of 320 rows from 2,000 real training
+    digits): it reads little, but it is a real run folder of the row-reader kind for the plumbing (read, export,
+    serve). Trained once per session in a few seconds."""
+    from digitkit import config, runs
+
+    out = tmp_path_factory.mktemp("row-reader") / "run"
+    cfg = config.load(ROOT / "configs" / "read.yaml", [
+        f"data.dir={MNIST_DIR}", "model.args.channels=[8,16,32]", "model.args.hidden=32", "train.epochs=2",
+        "train.batch_size=32", "rows.rows_per_epoch=320", "rows.val_rows=64", "rows.test_rows=64",
+        "train.plots=false", "rows.max_digits=6",
+    ])  # fmt: skip
+    sub = data.stratified_split(mnist_train.labels, 2000 / len(mnist_train), seed=0)[1]
+    small = mnist_train.subset(sub)
+    train_idx, val_idx = data.stratified_split(small.labels, 0.2, seed=0)
+    runs.train_run(cfg, out=out, datasets=(small.subset(train_idx), small.subset(val_idx), None))
+    return out
+
+
+@pytest.fixture(scope="session")
 def postgres_url():
     """A PostgreSQL server URL: $DIGITKIT_TEST_POSTGRES_URL (CI sets it), else a private throwaway server started
     with .ci/postgres.sh for this session. Without PostgreSQL the test is skipped, or fails when DIGITKIT_CI=1."""

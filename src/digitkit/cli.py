@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from digitkit import __version__
-from digitkit.errors import ConfigError, DigitkitError
+from digitkit.errors import ConfigError, DataError, DigitkitError
 
 DEFAULT_DATA = "data/mnist"
 
@@ -217,7 +217,8 @@ def interrupted_run(run_dir: Path | None, epochs: int) -> None:
 
 def print_summary(s: dict[str, Any]) -> None:
     print(f"run            {s['run_dir']}")
-    print(f"model          {s['model']}  ({s['params']:,} parameters, {s['macs_per_image'] / 1e6:.2f} M MACs/image)")
+    per = s.get("macs_per", "image")
+    print(f"model          {s['model']}  ({s['params']:,} parameters, {s['macs_per_image'] / 1e6:.2f} M MACs/{per})")
     kept = "the last" if s.get("checkpoint_metric") == "last" else "best by validation"
     print(f"epochs         {s['epochs']} ({kept}: {s['best_epoch']}{', stopped early' if s['stopped_early'] else ''})")
     print(f"time           {s['train_seconds']:.1f} s training, {s['total_seconds']:.1f} s in all on {s['device']}")
@@ -603,14 +604,29 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--record", action="store_true", help="with --json: include what preprocessing did")
     pr.set_defaults(func=cmd_predict)
 
-    rd = sub.add_parser("read", help="read a row of handwritten digits (an amount, a postcode, a form field)")
-    rd.add_argument("--model", required=True, help="run folder or checkpoint file")
-    rd.add_argument("image", metavar="IMAGE")
-    rd.add_argument("--pattern", help="regular expression the whole string must match; exit code 1 if not")
-    rd.add_argument("--top-k", type=_positive, default=3)
-    rd.add_argument("--reject-below", type=float, help="override inference.reject_below_confidence")
-    rd.add_argument("--reject-below-score", type=float, help="override inference.reject_below_digit_score (0 = off)")
-    rd.add_argument("--json", action="store_true")
+    rd = sub.add_parser("read", help="read rows of handwritten digits (an amount, a postcode, a form field)",
+                        description="Read each image as one row of digits. A row reader (trained with "
+                        "configs/read.yaml) reads the whole row at once, touching digits included; a single-digit "
+                        "model reads by cutting the row into digits first (--reader segment).")  # fmt: skip
+    rd.add_argument("--model", required=True, help="run folder or checkpoint: a row reader, or a digit classifier "
+                    "for --reader segment")  # fmt: skip
+    rd.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
+    rd.add_argument("--reader", choices=("sequence", "segment"), help="sequence (the default for a row reader) or "
+                    "segment (cut into digits, classify each; the default for a digit classifier)")  # fmt: skip
+    rd.add_argument("--pattern", help="regular expression the whole string must match (the row reader's beam search "
+                    "keeps only strings that can match); exit code 1 if a row does not")  # fmt: skip
+    rd.add_argument("--page", action="store_true", help="row reader: each image is a page (a form, a check, a label) "
+                    "with several fields; each digit field is found, boxed and read")  # fmt: skip
+    rd.add_argument("--field", action="append", metavar="NAME=REGEX", help="row reader, implies --page: find the "
+                    "field whose reading matches REGEX and report it as NAME (repeat for more fields); exit code 1 "
+                    "when one is missing")  # fmt: skip
+    rd.add_argument("--beam-width", type=_positive, default=8, help="row reader: prefixes kept per frame (default 8)")
+    rd.add_argument("--top-k", type=_positive, default=3, help="segment reader: most likely digits to list")
+    rd.add_argument("--reject-below", type=float, help="override inference.reject_below_row_confidence (row reader) "
+                    "or inference.reject_below_confidence (segment reader)")  # fmt: skip
+    rd.add_argument("--reject-below-score", type=float, help="segment reader: override "
+                    "inference.reject_below_digit_score (0 = off)")  # fmt: skip
+    rd.add_argument("--json", action="store_true", help="one JSON object per line")
     rd.set_defaults(func=cmd_read)
 
     en = sub.add_parser("ensemble", help="combine runs: mean of their probabilities, measured on the test set")
@@ -633,6 +649,8 @@ def build_parser() -> argparse.ArgumentParser:
     # --- serve parser (anchor: owned by the serving work)
     sv = sub.add_parser("serve", help="REST API and drawing page for a trained model")
     sv.add_argument("--model", help="run folder or checkpoint file (default runs/latest)")
+    sv.add_argument("--reader", metavar="RUN", help="run folder or checkpoint of a row reader (trained with "
+                    "configs/read.yaml) to answer /v1/read; default: the model reads rows cut into digits")  # fmt: skip
     sv.add_argument("--settings", metavar="YAML", help="serving settings file (limits:, drift:, cache_size: ...)")
     sv.add_argument("--host", help="address to listen on (default 127.0.0.1: this machine only)")
     sv.add_argument("--port", type=int, help="port (default 8000)")
@@ -1034,16 +1052,101 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_read(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from digitkit import checkpoint
+
+    files = expand_paths(args.paths)
+    if not files:
+        raise ConfigError(f"no image files in {', '.join(args.paths)} (looked for {', '.join(IMAGE_SUFFIXES)})")
+    sequence_model = checkpoint.load(args.model).get("task") == "sequence"
+    reader = args.reader or ("sequence" if sequence_model else "segment")
+    if reader == "segment" and sequence_model:
+        raise ConfigError(f"--model {args.model} is a row reader; --reader segment needs a single-digit classifier "
+                          "(any run trained with task: classify)")  # fmt: skip
+    failed = 0
+    if reader == "sequence":
+        from digitkit.realworld.reader import SequenceReader
+
+        if args.reject_below_score is not None:
+            raise ConfigError("--reject-below-score is for the segment reader's digits; the row reader rejects by "
+                              "the string's probability (--reject-below)")  # fmt: skip
+        rdr = SequenceReader.open(args.model)
+        if args.reject_below is not None:
+            rdr.inference = dataclasses.replace(rdr.inference, reject_below_row_confidence=args.reject_below)
+        if args.page or args.field:
+            return _read_pages(rdr, files, args)
+        for start in range(0, len(files), 64):  # bounded memory for big folders
+            chunk = files[start : start + 64]
+            for path, r in zip(chunk, rdr.read_many(chunk, args.pattern, args.beam_width), strict=True):
+                failed += r.rejected in ("unreadable", "no-match")
+                if args.json:
+                    print(json.dumps(r.to_json(path=str(path))), flush=True)
+                elif r.rejected in ("unreadable", "empty", "no-ink", "too-wide"):
+                    print(f"{path}: no digits ({r.rejected}{': ' + r.why if r.why else ''})")
+                else:
+                    conf = ", ".join(f"{d['digit']} {d['confidence']:.2f}" for d in r.digits)
+                    note = f"  REJECTED: {r.rejected} ({r.why})" if r.rejected else ""
+                    print(f"{path}: {r.text or '(nothing read)'} ({r.confidence:.3f})" + (f"  [{conf}]" if conf else "")
+                          + note)  # fmt: skip
+        return 1 if failed else 0
+    if args.page or args.field:
+        raise ConfigError("--page and --field need a row reader (a run trained with configs/read.yaml)")
     rec = _recognizer(args)
-    result = rec.read(args.image, pattern=args.pattern, top_k=args.top_k)
-    if args.json:
-        print(json.dumps({"path": args.image, **result}))
-    else:
-        conf = ", ".join(f"{d['digit'] or '?'} {d['confidence']:.2f}" for d in result["digits"])
-        print(f"{args.image}: {result['text'] or '(no digits found)'}" + (f"  [{conf}]" if conf else ""))
-        if "pattern_ok" in result:
-            print(f"  pattern {args.pattern!r}: " + ("matches" if result["pattern_ok"] else "DOES NOT MATCH"))
-    return 1 if result.get("pattern_ok") is False else 0
+    for path in files:
+        try:
+            result = {"reader": "segment", **rec.read(path, pattern=args.pattern, top_k=args.top_k)}
+        except DataError as e:
+            failed += 1
+            print(json.dumps({"path": str(path), "reader": "segment", "rejected": "unreadable", "why": str(e)})
+                  if args.json else f"{path}: unreadable: {e}")  # fmt: skip
+            continue
+        failed += result.get("pattern_ok") is False
+        if args.json:
+            print(json.dumps({"path": str(path), **result}), flush=True)
+        else:
+            conf = ", ".join(f"{d['digit'] or '?'} {d['confidence']:.2f}" for d in result["digits"])
+            print(f"{path}: {result['text'] or '(no digits found)'}" + (f"  [{conf}]" if conf else ""))
+            if "pattern_ok" in result:
+                print(f"  pattern {args.pattern!r}: " + ("matches" if result["pattern_ok"] else "DOES NOT MATCH"))
+    return 1 if failed else 0
+
+
+def parse_fields(items: list[str] | None) -> dict[str, str]:
+    """`--field NAME=REGEX` options -> {NAME: REGEX}; a malformed or repeated one is a ConfigError."""
+    fields: dict[str, str] = {}
+    for item in items or []:
+        name, sep, pattern = item.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]{0,39}", name) or not pattern:
+            raise ConfigError(f"--field {item!r}: expected NAME=REGEX, e.g. --field zip='[0-9]{{5}}' (a name of "
+                              "letters, digits, _ and -, up to 40)")  # fmt: skip
+        if name in fields:
+            raise ConfigError(f"--field {name} is given twice; give each name once")
+        fields[name] = pattern
+    return fields
+
+
+def _read_pages(rdr: Any, files: list[Path], args: argparse.Namespace) -> int:
+    from digitkit.realworld.page import read_page
+
+    fields = parse_fields(args.field)
+    failed = 0
+    for path in files:
+        page = read_page(rdr, path, fields, args.beam_width)
+        failed += bool(page.missing) or page.rejected == "unreadable"
+        if args.json:
+            print(json.dumps(page.to_json(path=str(path))), flush=True)
+            continue
+        if page.rejected:
+            print(f"{path}: no fields ({page.rejected}{': ' + page.why if page.why else ''})")
+            continue
+        found = [f for f in page.fields if f.get("name") or not f["rejected"]]
+        missing = f"; MISSING: {', '.join(page.missing)}" if page.missing else ""
+        print(f"{path}: {len(found)} digit field(s){missing}")
+        for f in found:
+            label = f"{f['name']}: " if f.get("name") else ""
+            print(f"  {label}{f['text']} ({f['confidence']:.3f})  box {f['box']}")
+    return 1 if failed else 0
 
 
 # ----------------------------------------------------------------------------------------- ensemble
@@ -1117,17 +1220,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from digitkit import checkpoint
     from digitkit.serve import settings as serve_settings
+    from digitkit.serve.service import check_paths
 
     settings = serve_settings.load(
         args.settings,
-        {"model": args.model, "host": args.host, "port": args.port, "workers": args.workers, "threads": args.threads,
-         "audit_db": args.audit_db, "cache_size": args.cache_size, "log_level": args.log_level,
-         "engine": args.engine},
+        {"model": args.model, "reader": args.reader, "host": args.host, "port": args.port, "workers": args.workers,
+         "threads": args.threads, "audit_db": args.audit_db, "cache_size": args.cache_size,
+         "log_level": args.log_level, "engine": args.engine},
         {"api_key": args.api_key_file, "admin_token": args.admin_token_file},
     )  # fmt: skip
     checkpoint.resolve(settings.model)  # a wrong path fails here, in one line, not inside uvicorn's startup
+    check_paths(settings)  # likewise a model that is a row reader, or a reader that is not one
     logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
-    print(f"digitkit: serving {settings.model} at http://{settings.host}:{settings.port}/ "
+    rows = f" (rows read by {settings.reader})" if settings.reader else ""
+    print(f"digitkit: serving {settings.model}{rows} at http://{settings.host}:{settings.port}/ "
           f"(API key {'on' if settings.api_key else 'off'}, admin routes {'on' if settings.admin_token else 'off'})",
           file=sys.stderr, flush=True)  # fmt: skip
     # The guarded h11 protocol bounds connections and header time (digitkit.serve.protocol); the app bounds the rest.
@@ -1672,8 +1778,11 @@ EXAMPLES: dict[str, tuple[str, list[str]]] = {
         "digitkit predict --engine onnx --model runs/latest/export/model.onnx photo.jpg",
     ]),
     "read": ("", [
-        "digitkit read --model runs/latest postcode.jpg --pattern '[0-9]{5}'",
-        "digitkit read --model runs/latest amount.png --json",
+        "digitkit train --config configs/read.yaml --out runs/reader",
+        "digitkit read --model runs/reader postcode.jpg --pattern '[0-9]{5}'",
+        "digitkit read --model runs/reader scans/ --json",
+        "digitkit read --model runs/reader form.jpg --field zip='[0-9]{5}' --field amount='[0-9]+'",
+        "digitkit read --model runs/latest amount.png --reader segment",
     ]),
     "ensemble": ("Members trained with one data.split_seed share their validation images, and the ensemble is "
                  "measured on them too. Members trained on deskewed digits (preprocess.deskew) may join plain ones: "
@@ -1684,6 +1793,7 @@ EXAMPLES: dict[str, tuple[str, list[str]]] = {
               "DIGITKIT_API_KEY (prediction routes), DIGITKIT_ADMIN_TOKEN (admin routes), or the --*-file flags.", [
         "digitkit serve --model runs/latest --port 8000",
         "digitkit serve --model runs/latest --engine onnx --workers 2 --audit-db serve/audit.db",
+        "digitkit serve --model runs/latest --reader runs/reader",
     ]),  # fmt: skip
     "negatives": ("data/negatives ships a set of 6,908; configs/realworld.yaml trains with it.", [
         "digitkit negatives build --out data/my-negatives --n 2000 --workers 2",

@@ -17,9 +17,11 @@ import yaml
 
 from digitkit import augment
 from digitkit.errors import ConfigError
-from digitkit.models import model_options
+from digitkit.models import model_options, model_task
 from digitkit.preprocess import PreprocessConfig
+from digitkit.rows import RowsConfig
 
+TASKS = ("classify", "sequence")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("none", "plateau", "onecycle", "cosine")
 CHECKPOINT_METRICS = ("val_loss", "val_acc", "last")
@@ -179,6 +181,9 @@ class InferenceConfig:
     mean over the classes of log(p_top / p_i) on the calibrated probabilities (= (top logit - mean logit) / T).
     0 turns it off. It separates non-digits from digits better than the top probability does, which also falls
     for a digit the model hesitates between two readings of (benchmarks/realworld.py chooses both thresholds)."""
+    reject_below_row_confidence: float = 0.0
+    """Row reader (task: sequence): answer no text (reason low-confidence) when the probability of the string read
+    (the sum over its CTC alignments) is below this. 0 never rejects."""
     noise_defence_sigma: float = 0.0
     """Inference-time Gaussian-noise defence: average the softmax over noisy copies of the input (pixel std in
     [0, 1] units); 0 turns it off. Trades some clean accuracy for robustness to small adversarial perturbations;
@@ -197,6 +202,9 @@ class InferenceConfig:
                 f"inference.reject_below_digit_score = {self.reject_below_digit_score}: expected a score in [0, 100) "
                 "(0 never rejects by it; 2-4 is typical for a model trained with non-digits, see the README)"
             )
+        if not 0.0 <= self.reject_below_row_confidence < 1.0:
+            raise ConfigError(f"inference.reject_below_row_confidence = {self.reject_below_row_confidence}: expected "
+                              "a probability in [0, 1); 0 never rejects a row")  # fmt: skip
         if not 0.0 <= self.noise_defence_sigma <= 1.0 or self.noise_defence_samples < 1:
             raise ConfigError(
                 "inference.noise_defence_sigma must be in [0, 1] (0 = off, 0.1-0.3 typical) and "
@@ -207,6 +215,9 @@ class InferenceConfig:
 @dataclass
 class Config:
     seed: int = 0
+    task: str = "classify"
+    """classify: a model that reads one digit (28x28). sequence: a row reader (a `sequence` model such as crnn)
+    trained with CTC on rows composed from the training digits (`rows`); `digitkit read` uses it."""
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     augment: augment.AugmentConfig = field(default_factory=augment.AugmentConfig)
@@ -216,8 +227,18 @@ class Config:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     """How real-world images (photos, scans, canvases) become 28x28 digits; stored with the model so the CLI,
     the server and the web page prepare input exactly alike. With deskew on, training deskews MNIST too."""
+    rows: RowsConfig = field(default_factory=RowsConfig)
+    """task: sequence only: how training rows are composed and every row is brought to the model's height."""
 
     def __post_init__(self) -> None:
+        _choice("task", self.task, TASKS)
+        if model_task(self.model.name) != self.task:
+            raise ConfigError(f"model {self.model.name!r} is a {model_task(self.model.name)} model but task is "
+                              f"{self.task!r}: set task: {model_task(self.model.name)}, or pick a {self.task} model "
+                              "(`digitkit models` lists them)")  # fmt: skip
+        if self.task == "sequence" and self.train.outlier_weight > 0:
+            raise ConfigError("train.outlier_weight: non-digit training is for the single-digit classifier; the row "
+                              "reader rejects by its sequence confidence (set train.outlier_weight: 0)")
         if self.train.outlier_weight > 0 and not self.data.negatives_dir:
             raise ConfigError(f"train.outlier_weight = {self.train.outlier_weight} trains on non-digits, but "
                               "data.negatives_dir is empty; set it (data/negatives ships with digitkit) or set "

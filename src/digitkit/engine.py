@@ -26,6 +26,9 @@ EXPORT_DIR = "export"
 DEFAULT_FILE = "model.onnx"
 REQUIRED_METADATA = ("digitkit_format", "classes", "preprocess", "inference", "checkpoint_sha256", "model")
 FORMAT = "digitkit-onnx/1"
+SEQUENCE_FORMAT = "digitkit-onnx-rows/1"
+SEQUENCE_INPUT = "rows"
+SEQUENCE_OUTPUT = "log_probs"
 
 
 CHUNK = 64
@@ -142,6 +145,54 @@ def open_recognizer(path: str | Path, threads: int = 0, torch_model: torch.nn.Mo
         raise DataError(f"{engine.path}: its stored preprocess/inference config does not fit this digitkit ({e}); "
                         "re-export the run with this version") from None  # fmt: skip
     return Recognizer(torch_model, contract["classes"], inf, pre, engine=engine)
+
+
+class OnnxSequenceModel(OnnxModel):
+    """An exported row reader (digitkit.export_sequence): `logits(x)` gives the frame log-probabilities, the
+    engine signature digitkit.realworld.reader.SequenceReader takes."""
+
+    def logits(self, x: torch.Tensor) -> np.ndarray:
+        """x (B, 1, H, W) -> (B, W / 4, K) log-probabilities (rows of one batch share W: pad on the right)."""
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(x.detach().cpu().float().numpy())})[0]
+
+    def contract(self) -> dict[str, Any]:
+        if self.metadata.get("digitkit_format") != SEQUENCE_FORMAT:
+            raise DataError(f"{self.path}: not a digitkit row-reader export (digitkit_format is "
+                            f"{self.metadata.get('digitkit_format')!r}, expected {SEQUENCE_FORMAT!r}); export a run "
+                            "trained with configs/read.yaml")  # fmt: skip
+        try:
+            return {k: json.loads(self.metadata[k]) for k in ("classes", "rows", "preprocess", "inference")}
+        except (KeyError, ValueError) as e:
+            raise DataError(f"{self.path}: its digitkit metadata is missing or not valid JSON ({e}); re-export the "
+                            "run") from None  # fmt: skip
+
+
+def open_reader(path: str | Path, threads: int = 0, expect_checkpoint_sha256: str | None = None) -> Any:
+    """A SequenceReader answering through ONNX Runtime from an exported row reader, configured from the file's
+    metadata alone; a run folder's export is checked against its checkpoint as open_recognizer does."""
+    from digitkit.config import InferenceConfig
+    from digitkit.preprocess import PreprocessConfig
+    from digitkit.realworld.reader import SequenceReader
+    from digitkit.rows import RowsConfig
+
+    engine = OnnxSequenceModel(onnx_path(path), threads)
+    if expect_checkpoint_sha256 is None and Path(path).suffix != ".onnx":
+        from digitkit.checkpoint import resolve
+        from digitkit.idx import sha256
+
+        expect_checkpoint_sha256 = sha256(resolve(path).read_bytes())
+    contract = engine.contract()
+    exported_from = engine.metadata.get("checkpoint_sha256", "")
+    if expect_checkpoint_sha256 is not None and exported_from != expect_checkpoint_sha256:
+        raise DataError(f"{engine.path} was exported from checkpoint {exported_from[:12]}, not from the one being "
+                        f"served ({expect_checkpoint_sha256[:12]}); re-export with `digitkit export RUN`")  # fmt: skip
+    try:
+        rows, pre = RowsConfig(**contract["rows"]), PreprocessConfig(**contract["preprocess"])
+        inf = InferenceConfig(**contract["inference"])
+    except (TypeError, ConfigError) as e:
+        raise DataError(f"{engine.path}: its stored rows/preprocess/inference config does not fit this digitkit "
+                        f"({e}); re-export the run with this version") from None  # fmt: skip
+    return SequenceReader(None, rows, pre, inf, engine=engine)
 
 
 def check_engine(name: str) -> str:

@@ -141,23 +141,32 @@ def to_onnx(model: nn.Module, in_chans: int, img_size: int, opset: int, metadata
     warns that it will be removed) and, with its optimizer on, gives the same clean graph: batch norm folded into
     the convolutions, one Conv/Relu/MaxPool chain, Gemm, Softmax. It costs about 2 s an export, against 0.1 s.
     """
-    import onnx
 
     wrapped = _Probabilities(model, temperature).eval()
     example = torch.rand(2, in_chans, img_size, img_size)  # batch 2: a batch of 1 could be specialized away
+    return export_graph(wrapped, example, opset, INPUT_NAME, OUTPUT_NAME,
+                        {0: torch.export.Dim("batch", min=1)}, metadata,
+                        f"digitkit {__version__}: {metadata.get('model', 'model')}; see metadata_props")  # fmt: skip
+
+
+def export_graph(module: nn.Module, example: torch.Tensor, opset: int, input_name: str, output_name: str,
+                 dynamic: dict[int, Any], metadata: dict[str, str], doc: str) -> bytes:  # fmt: skip
+    """torch.onnx.export (dynamo) of module(example) with the input's `dynamic` axes, the metadata set and the
+    graph checked; an exporter failure is a DataError that says which opset to try."""
+    import onnx
+
     try:
         with _quiet():
             program = torch.onnx.export(
-                wrapped, (example,), None, dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME], dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1)}},
-                optimize=True, verbose=False,
+                module, (example,), None, dynamo=True, opset_version=opset, input_names=[input_name],
+                output_names=[output_name], dynamic_shapes={"x": dynamic}, optimize=True, verbose=False,
             )  # fmt: skip
     except Exception as e:  # noqa: BLE001  the exporter raises many types; all mean the graph could not be built
         first = str(e).splitlines()[0][:300] if str(e) else ""
         raise DataError(f"the ONNX exporter failed at opset {opset} ({type(e).__name__}: {first}); "
                         f"try the default --opset {DEFAULT_OPSET}") from None  # fmt: skip
     proto = program.model_proto
-    proto.doc_string = f"digitkit {__version__}: {metadata.get('model', 'model')}; see metadata_props"
+    proto.doc_string = doc
     set_metadata(proto, metadata)
     onnx.checker.check_model(proto)
     return proto.SerializeToString()
@@ -544,10 +553,14 @@ def export_run(run: str | Path, out: str | Path | None = None, options: ExportOp
     options = options or ExportOptions()
     started = time.perf_counter()
     opened = runs.open_model(run)
-    sha = runs.checkpoint_sha256(opened.checkpoint_path)
     out = Path(out) if out is not None else default_out(opened, options.int8)
     if out.suffix != ".onnx":
         raise ConfigError(f"--out {out}: expected a file name ending in .onnx")
+    if opened.ckpt.get("task") == "sequence":  # a row reader: its own graph, contract and parity check
+        from digitkit.export_sequence import export_sequence_run
+
+        return export_sequence_run(opened, out, options, data_dir)
+    sha = runs.checkpoint_sha256(opened.checkpoint_path)
     ckpt, model = opened.ckpt, opened.model.eval()
     ds, _ = runs.evaluation_data(opened.cfg, "test", data_dir)  # report only: nothing is chosen on it
     images = ds.images.float().div(255)

@@ -180,6 +180,13 @@ def train_run(
     if out is None and resume is None and point_latest_link and world.is_main:
         point_latest(root, run_dir)
     run_dir = distributed.broadcast(run_dir if world.is_main else None, world)
+    if cfg.task == "sequence":
+        if world.size > 1 or step_fn is not None:
+            raise ConfigError("task: sequence trains in one process with the CTC step (no torchrun, no distillation)")
+        from digitkit.sequence import train_sequence_run
+
+        return train_sequence_run(cfg, train_set, val_set, test_set, run_dir, reporter, resume_state,
+                                  stop_after_epochs, started, earlier_seconds, data_seconds)  # fmt: skip
 
     mean, std = data.pixel_stats(train_set.images)
     in_chans, img_size = train_set.images.shape[1], train_set.images.shape[2]

@@ -23,6 +23,7 @@ import functools
 import io
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -69,12 +70,9 @@ def _rng(seed: Seed) -> np.random.Generator:
 
 def font_digit(d: int, font: str = "sans", size: int = 28, box: int = 20, slant_degrees: float = 0.0) -> np.ndarray:
     """A printed digit in MNIST format: (size, size) uint8 white on black, longer side `box`, centred by mass.
-    `font` is a key of FONTS or EXTRA_FONTS; `slant_degrees` shears it (positive leans right)."""
-    if font not in FONTS and font not in EXTRA_FONTS:
-        raise ValueError(f"unknown font {font!r}; expected one of {', '.join([*FONTS, *EXTRA_FONTS])}")
-    family, weight, style = FONTS[font] if font in FONTS else EXTRA_FONTS[font]
-    path = font_manager.findfont(font_manager.FontProperties(family=family, weight=weight, style=style))
-    face = ImageFont.truetype(path, 160)
+    `font` is a key of FONTS, EXTRA_FONTS or (when installed) HANDWRITING_FONTS; `slant_degrees` shears it (positive
+    leans right)."""
+    face = ImageFont.truetype(_font_path(font), 160)
     canvas = Image.new("L", (320, 320), 0)
     ImageDraw.Draw(canvas).text((80, 40), str(int(d)), fill=255, font=face)
     ink = np.asarray(canvas, np.float32) / 255
@@ -718,10 +716,33 @@ as, one at random: every way digits arrive but `huge` (2000 px, slow to draw).""
 
 
 def _font_path(font: str) -> str:
+    if font in HANDWRITING_FONTS:
+        path = HANDWRITING_FONTS[font]
+        if not Path(path).is_file():
+            raise ValueError(f"font {font!r} is not installed ({path}); install Debian's fonts-humor-sans, "
+                             "fonts-comic-neue and fonts-dancingscript, or use handwriting_fonts() to list what is")
+        return path
     if font not in FONTS and font not in EXTRA_FONTS:
         raise ValueError(f"unknown font {font!r}; expected one of {', '.join([*FONTS, *EXTRA_FONTS])}")
     family, weight, style = FONTS[font] if font in FONTS else EXTRA_FONTS[font]
     return font_manager.findfont(font_manager.FontProperties(family=family, weight=weight, style=style))
+
+
+HANDWRITING_FONTS: dict[str, str] = {
+    "humor-sans": "/usr/share/fonts/truetype/humor-sans/Humor-Sans.ttf",
+    "comic-neue": "/usr/share/fonts/opentype/comic-neue/ComicNeue-Regular.otf",
+    "comic-neue-italic": "/usr/share/fonts/opentype/comic-neue/ComicNeue-Italic.otf",
+    "comic-neue-light": "/usr/share/fonts/opentype/comic-neue/ComicNeue-Light.otf",
+    "dancing-script": "/usr/share/fonts/opentype/dancingscript/DancingScript-Regular.otf",
+    "dancing-script-bold": "/usr/share/fonts/opentype/dancingscript/DancingScript-Bold.otf",
+}
+"""Handwriting-style faces from Debian packages (fonts-humor-sans: xkcd's hand; fonts-comic-neue; fonts-dancingscript:
+a casual script), for the row benchmark (benchmarks/read.py installs them); matplotlib ships none. Only digits."""
+
+
+def handwriting_fonts() -> list[str]:
+    """The HANDWRITING_FONTS installed on this machine."""
+    return [name for name, path in HANDWRITING_FONTS.items() if Path(path).is_file()]
 
 
 @functools.cache
@@ -1075,6 +1096,7 @@ def strip(
     max_overlap: float = 0.2,
     broken: float = 0.0,
     pen: str | None = "natural",
+    as_ink: bool = False,
 ) -> tuple[np.ndarray, list[int], list[tuple[int, int, int, int]]]:
     """A row of handwritten digits on paper: (gray uint8 image, labels, true ink boxes (x0, y0, x1, y1), x1 and
     y1 exclusive, left to right).
@@ -1084,7 +1106,8 @@ def strip(
     is pushed together until the inks overlap by 1-3 px (touching digits), unless that would push their boxes
     more than `max_overlap` x height into each other (interlocking shapes such as a slanted 1 under a 7's bar):
     then the boxes overlap by that much and the inks may not meet. With probability `broken` a digit
-    loses a horizontal band across its strokes (a pen that skipped: its parts stack vertically).
+    loses a horizontal band across its strokes (a pen that skipped: its parts stack vertically). `as_ink` returns
+    the white-on-black ink (float in [0, 1]) instead of the paper image.
     """
     rng = _rng(seed)
     if labels is None:
@@ -1122,8 +1145,84 @@ def strip(
         _paste(canvas, ink, top, left)
         ys, xs = np.nonzero(ink > 0.5)
         boxes.append((int(left + xs.min()), int(top + ys.min()), int(left + xs.max() + 1), int(top + ys.max() + 1)))
+    if as_ink:
+        return canvas, list(labels), boxes
     img = 0.96 * (1 - 0.9 * canvas) + rng.normal(0, 0.01, canvas.shape)
     return _to_uint8(img), list(labels), boxes
+
+
+FORM_LABELS = ("ZIP", "Amount", "Meter", "Account", "Date", "Ref", "Total", "Code", "Phone", "Order", "Qty", "Box")
+"""Printed words beside a form's fields (no digits: the digit fields are the handwritten ones)."""
+
+
+def form_page(fields: list[tuple[list[Any], list[int]]], seed: Seed = 0, photo: bool = True,
+              width: int = 900) -> tuple[np.ndarray, list[dict[str, Any]]]:  # fmt: skip
+    """A form with a handwritten digit field per line: each of `fields` ((digits, labels): strip's sources) is
+    written 24-48 px tall after a printed label (FORM_LABELS, in a FONTS face), some over a ruled line, under a
+    printed title; then photographed (handwriting_photo's paper and camera) or, with photo False, scanned flat.
+    Returns (image: RGB photo or gray scan, uint8) and per field {"label", "text", "box": [x0, y0, x1, y1]} (the
+    handwriting's ink box in the image)."""
+    rng = _rng(seed)
+    heights = [float(rng.uniform(24, 48)) for _ in fields]
+    height = int(sum(1.9 * h for h in heights) + 140)
+    canvas = np.zeros((height, width), np.float32)
+    face = ImageFont.truetype(_font_path(_choice(rng, list(FONTS))), 26)
+    title = Image.new("L", (width, 60), 0)
+    ImageDraw.Draw(title).text((40, 14), _choice(rng, ["ORDER FORM", "Meter reading", "Delivery note", "Payment"]),
+                               fill=255, font=face)  # fmt: skip
+    canvas[:60] = np.asarray(title, np.float32) / 255
+    truths = []
+    y = 80
+    for (digits, labels), h in zip(fields, heights, strict=True):
+        label = _choice(rng, FORM_LABELS)
+        words = Image.new("L", (260, int(h * 1.6)), 0)
+        small = ImageFont.truetype(_font_path(_choice(rng, list(FONTS))), int(rng.uniform(16, 24)))
+        ImageDraw.Draw(words).text((0, int(h * 0.4)), label + ":", fill=255, font=small)
+        text_ink = np.asarray(words, np.float32) / 255
+        _paste(canvas, text_ink[:, : int(np.flatnonzero(text_ink.any(0))[-1]) + 1], y, 40)
+        ink, labels, _ = strip(digits, labels, rng, height=h, touch=float(rng.uniform(0, 0.5)), as_ink=True)
+        ink = _crop(ink)
+        left = int(40 + 150 + rng.uniform(0, 120))
+        ink = ink[:, : max(1, min(ink.shape[1], width - left - 20))]
+        top = y + int(h * 0.2)
+        _paste(canvas, ink, top, left)
+        ys, xs = np.nonzero(ink > 0.5)
+        truths.append({"label": label, "text": "".join(map(str, labels)),
+                       "box": [left + int(xs.min()), top + int(ys.min()), left + int(xs.max()) + 1,
+                               top + int(ys.max()) + 1]})  # fmt: skip
+        if rng.random() < 0.5:  # a ruled line to write on, under the label and the field
+            rule = min(height - 1, top + ink.shape[0] + int(rng.uniform(2, 6)))
+            canvas[rule, 30 : width - 30] = np.maximum(canvas[rule, 30 : width - 30], 0.6)
+        y += int(1.9 * h)
+    if photo:
+        return _photo_look(rng, canvas), truths
+    return _to_uint8(0.96 * (1 - 0.9 * canvas) + rng.normal(0, 0.01, canvas.shape)), truths
+
+
+def touching(boxes: list[tuple[int, int, int, int]]) -> bool:
+    """Whether some neighbours' ink boxes (strip's) meet or overlap: a row with touching digits."""
+    return any(a[2] >= b[0] for a, b in zip(boxes, boxes[1:], strict=False))
+
+
+def row_photo(digits: list[Any], labels: list[int] | None = None, seed: Seed = 0, touch: float = 0.0,
+              max_overlap: float = 0.2) -> tuple[np.ndarray, list[int], bool]:  # fmt: skip
+    """A phone photo of a row of handwritten digits on paper (a ZIP code, an amount, a meter reading): `strip`'s
+    layout (`touch`, `max_overlap`, the natural pen) with the digits 20-90 px tall, slanted -15..15 degrees,
+    rotated up to 3 degrees and in slight perspective, with a margin of 0.3-1.5 digit heights, then
+    handwriting_photo's paper, ink and camera (`_photo_look`). Returns (RGB uint8, labels, whether some neighbours
+    touch)."""
+    rng = _rng(seed)
+    height = float(math.exp(rng.uniform(math.log(20), math.log(90))))
+    ink, labels, boxes = strip(digits, labels, rng, height=64, touch=touch, max_overlap=max_overlap, as_ink=True)
+    scale = height / 64
+    ink = np.clip(_resize(ink, round(ink.shape[1] * scale), round(ink.shape[0] * scale),
+                          Image.Resampling.BOX if scale < 1 else Image.Resampling.BICUBIC), 0, 1)  # fmt: skip
+    ink = _shear(_crop(ink), math.tan(math.radians(rng.uniform(-15, 15))))
+    ink = _perspective(rng, _rotate(ink, rng.uniform(-3, 3)), 0.03)
+    mh, mw = (int(height * rng.uniform(0.3, 1.5)) for _ in range(2))
+    canvas = np.zeros((ink.shape[0] + 2 * mh, ink.shape[1] + 2 * mw), np.float32)
+    _paste(canvas, ink, mh, mw)
+    return _photo_look(rng, canvas), labels, touching(boxes)
 
 
 def _ink_right(ink: np.ndarray, left: int) -> int:

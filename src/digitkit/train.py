@@ -146,18 +146,7 @@ def fit(
         # Digits made broken are fitted like preprocessing fits a digit (preprocess.box of preprocess.size px),
         # scaled to this set's image size.
         outlier_box = max(4, round(cfg.preprocess.box * train_set.images.shape[-2] / cfg.preprocess.size))
-    opt = make_optimizer(model.parameters(), t)
-    sched, sched_every = make_schedule(opt, t, steps_per_epoch)
-    ema = make_ema(model, t.ema_decay)
-    state = FitState()
-    if resume is not None:
-        model.load_state_dict(resume["state_dict"])
-        opt.load_state_dict(resume["optimizer"])
-        if sched is not None:
-            sched.load_state_dict(resume["scheduler"])
-        if ema is not None:
-            ema.load_state_dict(resume["ema"])
-        state = FitState(**resume["fit_state"])
+    opt, sched, sched_every, ema, state = training_state(model, t, steps_per_epoch, resume)
     autocast, scaler = mixed_precision(device, t)
     net = distributed.wrap(model, device, world)  # under torchrun: DDP, which averages the gradients over ranks
     # torch.compile wraps the module; the weights stay shared, so checkpoints save `model` as usual.
@@ -254,6 +243,25 @@ def fit(
         if stop_after_epochs is not None and epochs_this_call >= stop_after_epochs:
             break
     return state
+
+
+def training_state(model: DigitModel, t: TrainConfig, steps_per_epoch: int, resume: dict[str, Any] | None
+                   ) -> tuple[optim.Optimizer, Any, str, Any, FitState]:  # fmt: skip
+    """(optimizer, schedule, when it steps, EMA or None, FitState) for a run, restored from `resume` (a loaded
+    last.pt, weights included) when given."""
+    opt = make_optimizer(model.parameters(), t)
+    sched, sched_every = make_schedule(opt, t, steps_per_epoch)
+    ema = make_ema(model, t.ema_decay)
+    state = FitState()
+    if resume is not None:
+        model.load_state_dict(resume["state_dict"])
+        opt.load_state_dict(resume["optimizer"])
+        if sched is not None:
+            sched.load_state_dict(resume["scheduler"])
+        if ema is not None:
+            ema.load_state_dict(resume["ema"])
+        state = FitState(**resume["fit_state"])
+    return opt, sched, sched_every, ema, state
 
 
 def epoch_steps(n: int, t: TrainConfig) -> int:

@@ -8,11 +8,12 @@ from digitkit.models.registry import (
     list_models,
     model_description,
     model_options,
+    model_task,
     register_model,
 )
 
 # Importing the families registers their models.
-from digitkit.models import cnn, mlp  # noqa: E402, F401  isort: skip
+from digitkit.models import cnn, crnn, mlp  # noqa: E402, F401  isort: skip
 
 __all__ = [
     "DigitModel",
@@ -22,5 +23,6 @@ __all__ = [
     "list_models",
     "model_description",
     "model_options",
+    "model_task",
     "register_model",
 ]

@@ -6,7 +6,7 @@ client can cause is a 4xx with a JSON body {"error": ..., "detail": ...}; a 500 
 Routes (all JSON unless said):
   POST /v1/predict         one image: multipart file, raw image body, or JSON {"image": base64} / {"pixels": rows}
   POST /v1/predict/batch   up to limits.max_batch images: multipart files or JSON {"images": [...]}
-  POST /v1/read            a row of digits -> string
+  POST /v1/read            a row of digits -> string (the row reader when one is configured, else the model's digits)
   POST /v1/explain         prediction + saliency / Grad-CAM overlays (base64 PNG)
   POST /v1/feedback        {request_id, true_label}
   GET  /v1/model, /healthz, /readyz, /metrics (Prometheus text)
@@ -448,11 +448,11 @@ def create_app(settings: ServeSettings) -> FastAPI:
     # ----------------------------------------------------------------------------------- information
     @app.get("/v1/model", response_model=schemas.ModelOut, responses=ERRORS, tags=["info"])
     async def model() -> Response:
-        """Name, version, checkpoint hash, metrics, and the preprocessing contract."""
-        svc = service()
-        info = svc.info
-        out = {k: v for k, v in info.__dict__.items() if k != "config"}
-        out["drift_baseline"] = {**svc.loaded.baseline.to_json(), "latency_ms": svc.loaded.baseline.latency_ms}
+        """Name, version, checkpoint hash, metrics, and the preprocessing contract; `reader`: what answers /v1/read."""
+        loaded = service().loaded  # the model and its reader from one load, even if a reload happens meanwhile
+        out = {k: v for k, v in loaded.info.__dict__.items() if k != "config"}
+        out["drift_baseline"] = {**loaded.baseline.to_json(), "latency_ms": loaded.baseline.latency_ms}
+        out["reader"] = loaded.reader_info.to_json()
         return JSONResponse(out)
 
     @app.get("/healthz", tags=["info"])
@@ -483,9 +483,12 @@ def create_app(settings: ServeSettings) -> FastAPI:
     async def reload(body: schemas.ReloadIn | None = None) -> Response:
         """Load the model again (or another one) and swap it in; the old one serves until the new one is ready."""
         svc = service()
-        # Not under the request timeout: loading a model may take longer, and the old one serves meanwhile.
-        info = await asyncio.get_running_loop().run_in_executor(worker.pool, svc.reload, body.model if body else None)
-        return JSONResponse({k: v for k, v in info.__dict__.items() if k != "config"})
+        # Not under the request timeout: loading a model may take longer, and the old one serves meanwhile. The row
+        # reader (settings.reader) is loaded again with it, from the same path.
+        loaded = await asyncio.get_running_loop().run_in_executor(worker.pool, svc.reload_loaded,
+                                                                  body.model if body else None)  # fmt: skip
+        return JSONResponse({**{k: v for k, v in loaded.info.__dict__.items() if k != "config"},
+                             "reader": loaded.reader_info.to_json()})  # fmt: skip
 
     @app.get("/v1/admin/audit/stats", responses=ERRORS, dependencies=[Depends(admin)], tags=["admin"])
     async def audit_stats() -> Response:

@@ -90,22 +90,31 @@ class BatchOut(BaseModel):
 
 class ReadDigit(BaseModel):
     model_config = ConfigDict(extra="allow")
-    box: list[int]
+    box: list[int] = Field(..., description="[x0, y0, x1, y1] in the input image's pixels (x1, y1 exclusive)")
     digit: str | None
-    confidence: float
-    rejected: str | None
+    confidence: float = Field(..., description="row reader: the digit's highest probability over its frames; "
+                              "segment reader: the classifier's confidence in the cut-out digit")  # fmt: skip
+    rejected: str | None = Field(None, description="segment reader only: why this digit was not read")
 
 
 class ReadOut(BaseModel):
     model_config = ConfigDict(extra="allow")
     request_id: str
-    model_version: str
-    text: str
+    model_version: str = Field(..., description="the row reader's version when it answered (GET /v1/model: reader)")
+    reader: Literal["sequence", "segment"] = Field("segment", description="sequence: a row reader read the whole "
+                                                  "row; segment: the model read the digits cut out of it")
+    text: str = Field(..., description="the string read; the segment reader shows an unread digit as '?'")
+    confidence: float | None = Field(None, description="row reader: the probability of the whole string")
+    rejected: str | None = Field(None, description="row reader: null, or unreadable, empty, no-ink, too-wide, "
+                                 "no-match, low-confidence")  # fmt: skip
+    why: str | None = Field(None, description="row reader: why it was rejected, in words")
     digits: list[ReadDigit]
     complete: bool
     mean_confidence: float
     latency_ms: float
-    pattern_ok: bool | None = None
+    pattern: str | None = None
+    pattern_ok: bool | None = Field(None, description="whether `text` matches `pattern` (null without a pattern, or "
+                                    "when there was nothing to read)")  # fmt: skip
 
 
 class ExplainOut(Prediction):
@@ -120,6 +129,19 @@ class FeedbackOut(BaseModel):
     correct: bool
 
 
+class ReaderOut(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    kind: Literal["sequence", "segment"] = Field(..., description="sequence: a row reader answers /v1/read; "
+                                                 "segment: the model reads the digits cut out of the row")
+    name: str
+    version: str = Field(..., description="the model_version of /v1/read answers")
+    checkpoint: str | None = None
+    checkpoint_sha256: str | None = None
+    model: str | None = None
+    metrics: dict[str, Any] | None = None
+    contract: dict[str, Any] | None = None
+
+
 class ModelOut(BaseModel):
     name: str
     version: str
@@ -129,6 +151,7 @@ class ModelOut(BaseModel):
     metrics: dict[str, Any]
     contract: dict[str, Any]
     drift_baseline: dict[str, Any]
+    reader: ReaderOut = Field(..., description="what answers /v1/read")
 
 
 class ErrorOut(BaseModel):

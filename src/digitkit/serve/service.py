@@ -3,7 +3,8 @@
 The routes in app.py only parse requests into `Input`s and turn `ServiceError`s into 4xx responses; everything
 else lives here so it can be used and tested in-process. Images go through the one `Recognizer` (the same
 preprocess, model and rejection rules as `digitkit predict`), so an image gets the same answer from the CLI,
-the API and the drawing page.
+the API and the drawing page. A row reader (settings.reader), when configured, answers /v1/read in its place: it
+is loaded, reloaded and audited together with the model.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ import torch
 from PIL import Image
 
 from digitkit.classify import Answer, Recognizer
-from digitkit.errors import DataError, DigitkitError
+from digitkit.errors import ConfigError, DataError, DigitkitError
 from digitkit.preprocess import Preprocessed
 from digitkit.serve.audit import AuditLog, AuditRecord
 from digitkit.serve.drift import Baseline, DriftMonitor, compute_baseline, load_baseline, save_baseline
@@ -76,6 +77,27 @@ class ModelInfo:
     config: dict[str, Any]
 
 
+@dataclass
+class ReaderInfo:
+    """Which reader answers /v1/read: `segment` (the model's digits, cut out of the row) or `sequence` (a row
+    reader, settings.reader)."""
+
+    kind: str
+    name: str
+    version: str
+    """What /v1/read answers carry as model_version: the reader's run name and checkpoint hash when it answers."""
+    checkpoint: str = ""
+    checkpoint_sha256: str = ""
+    model: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    contract: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """The fields that have a value: all of them for a row reader; kind, name and version for the segmenting
+        reader (its checkpoint, metrics and contract are the model's, beside it in /v1/model)."""
+        return {k: v for k, v in self.__dict__.items() if v or k in ("kind", "name", "version")}
+
+
 class AnswerCache:
     """Bounded LRU of answers by (model version, input hash). It stores the whole answer, so a hit returns
     exactly what computing would (predictions are deterministic: the noise defence uses fixed noise)."""
@@ -117,6 +139,11 @@ class Loaded:
         from digitkit.calibration import temperature_of
 
         opened = runs.open_model(path)
+        if opened.ckpt.get("task") == "sequence":
+            raise ConfigError(_model_is_a_reader(path))
+        # The reader first: a wrong one fails in a second, before the drift baseline takes its time.
+        reader, reader_info = _open_reader(settings.reader, settings) if settings.reader else (None, None)
+        self.reader: Any = reader  # a SequenceReader, or None: /v1/read cuts the row into digits for the recognizer
         sha = runs.checkpoint_sha256(opened.checkpoint_path)
         if settings.engine == "onnx":  # the run's export of this very checkpoint; the torch model stays for explain
             from digitkit.engine import open_recognizer
@@ -150,6 +177,7 @@ class Loaded:
             config=opened.ckpt.get("config") or {},
         )  # fmt: skip
         self.model_dir = opened.run_dir or opened.checkpoint_path.parent
+        self.reader_info = reader_info or ReaderInfo("segment", name, self.info.version)
         self.baseline = self._baseline(opened, sha)
         self.drift = DriftMonitor(self.baseline, settings.drift)
 
@@ -160,6 +188,86 @@ class Loaded:
         baseline = _reference_baseline(opened, self.recognizer)
         save_baseline(baseline, self.model_dir, sha)  # a fallback is never stored (save_baseline refuses it)
         return baseline
+
+
+def check_paths(settings: ServeSettings) -> None:
+    """Before the server starts (`digitkit serve`): `model` is a single-digit classifier and `reader`, when set, a row
+    reader, so that a wrong path is one clear line, not a traceback from inside uvicorn's startup."""
+    from digitkit import checkpoint
+    from digitkit.engine import onnx_path
+
+    if checkpoint.load(settings.model).get("task") == "sequence":
+        raise ConfigError(_model_is_a_reader(settings.model))
+    if settings.engine == "onnx":
+        onnx_path(settings.model)  # the export is there (whether it is of this checkpoint is checked at load)
+    if settings.reader:
+        try:
+            ckpt = checkpoint.load(settings.reader)
+        except DigitkitError as e:
+            raise ConfigError(f"reader: {e}; expected the run folder or checkpoint of a row reader") from None
+        _check_reader(settings.reader, ckpt)
+        if settings.engine == "onnx":
+            try:
+                onnx_path(settings.reader)
+            except DigitkitError as e:
+                raise ConfigError(f"reader: {e}") from None
+
+
+def _model_is_a_reader(path: str) -> str:
+    return (f"model {path}: a row reader (task: sequence), not a single-digit classifier; serve it with "
+            f"--reader {path} (setting reader:) beside a digit classifier as --model: the classifier answers "
+            "/v1/predict and the drawing page, the row reader /v1/read")  # fmt: skip
+
+
+def _check_reader(path: str, ckpt: dict[str, Any]) -> None:
+    """A ConfigError unless `ckpt` is a row reader's, saying what it is instead and what was expected."""
+    if ckpt.get("task") != "sequence":
+        raise ConfigError(f"reader {path}: a single-digit classifier ({ckpt.get('model')}), not a row reader; reader "
+                          "takes a run trained with task: sequence (`digitkit train --config configs/read.yaml`), or "
+                          "leave it unset to read rows by cutting them into digits for the model")  # fmt: skip
+
+
+def _open_reader(path: str, settings: ServeSettings) -> tuple[Any, ReaderInfo]:
+    """The row reader at `path` (PyTorch, or its run's ONNX export with engine onnx) and what /v1/model says of it."""
+    from digitkit import runs
+    from digitkit.realworld.reader import BEAM_WIDTH, SequenceReader
+
+    try:
+        opened = runs.open_model(path)
+    except DigitkitError as e:
+        raise ConfigError(f"reader: {e}; expected the run folder or checkpoint of a row reader") from None
+    _check_reader(path, opened.ckpt)
+    sha = runs.checkpoint_sha256(opened.checkpoint_path)
+    folder = opened.run_dir or opened.checkpoint_path.parent
+    cfg = opened.cfg
+    if settings.engine == "onnx":  # the export of this very checkpoint: open_reader refuses a stale one
+        from digitkit.engine import open_reader
+
+        try:
+            reader = open_reader(folder, settings.threads, expect_checkpoint_sha256=sha)
+        except DigitkitError as e:
+            raise ConfigError(f"reader: {e}") from None
+    else:
+        reader = SequenceReader(opened.model, cfg.rows, cfg.preprocess, cfg.inference)
+    name = opened.run_dir.name if opened.run_dir else opened.checkpoint_path.stem
+    summary = _read_json(opened.run_dir / "summary.json") if opened.run_dir else {}
+    info = ReaderInfo(
+        kind="sequence", name=name, version=f"{name}-{sha[:12]}{'-onnx' if settings.engine == 'onnx' else ''}",
+        checkpoint=str(opened.checkpoint_path), checkpoint_sha256=sha, model=str(opened.ckpt.get("model")),
+        metrics={k: summary[k] for k in ("test_accuracy", "val_accuracy", "params", "epochs", "best_epoch",
+                                         "validation", "test") if k in summary},
+        contract={
+            "input": "an image of one row of handwritten digits, any size and polarity; the string is read whole "
+                     "(CTC), without cutting the row into digits",
+            "rows": reader.rows_cfg.__dict__.copy(),
+            "preprocess": reader.preprocess_cfg.__dict__.copy(),
+            "inference": reader.inference.__dict__.copy(),
+            "beam_width": BEAM_WIDTH,
+            "engine": settings.engine,
+            **({"onnx_file": str(reader.engine.path)} if settings.engine == "onnx" else {}),
+        },
+    )  # fmt: skip
+    return reader, info
 
 
 def _reference_baseline(opened: Any, recognizer: Recognizer) -> Baseline:
@@ -215,6 +323,11 @@ class Service:
 
     def reload(self, path: str | None = None) -> ModelInfo:
         """Load a model (the same path again by default) and swap it in; on any error the old one keeps serving."""
+        return self.reload_loaded(path).info
+
+    def reload_loaded(self, path: str | None = None) -> Loaded:
+        """`reload`, giving everything loaded: the model and the row reader (settings.reader, from its path again:
+        a reload with another model keeps the configured reader), swapped in together."""
         with self._reload_lock:
             try:
                 fresh = Loaded(path or self.settings.model, self.settings)
@@ -225,8 +338,8 @@ class Service:
             self.cache.clear()
             if path:
                 self.settings.model = path
-            log.info("serving %s", fresh.info.version)
-            return fresh.info
+            log.info("serving %s, rows read by %s", fresh.info.version, fresh.reader_info.version)
+            return fresh
 
     def _measure_latency(self) -> float:
         """Median time to answer one image end to end (the drift monitor's latency baseline): a 280x280 PNG of a
@@ -342,10 +455,14 @@ class Service:
             raise ServiceError(413, "image too large", f"image is {w}x{h} = {w * h:,} pixels, {too_large}")
 
     def read(self, item: Input, client: str, pattern: str | None = None) -> dict[str, Any]:
+        """A row of digits -> the string, per digit a box and a confidence, and the pattern check; audited (route
+        read). The row reader answers when one is configured, else the model reads the digits cut out of the row."""
         t0 = time.perf_counter()
         if isinstance(item.data, bytes):
             self._check_encoded(item.data)
-        loaded = self.loaded
+        loaded = self.loaded  # one model and reader for the whole request, even if a reload happens meanwhile
+        if loaded.reader is not None:
+            return self._read_row(item, client, pattern, loaded, t0)
         try:
             result = loaded.recognizer.read(item.data, pattern=pattern)
         except DataError as e:
@@ -358,8 +475,33 @@ class Service:
             model_version=loaded.info.version, digit=result["text"] or None, confidence=result["mean_confidence"],
             rejected=None if result["complete"] else "incomplete", latency_ms=round(latency_ms, 3), client=client,
         )])  # fmt: skip
-        return {"request_id": request_id, "model_version": loaded.info.version, **result,
+        return {"request_id": request_id, "model_version": loaded.info.version, "reader": "segment", **result,
                 "latency_ms": round(latency_ms, 3)}  # fmt: skip
+
+    def _read_row(self, item: Input, client: str, pattern: str | None, loaded: Loaded, t0: float) -> dict[str, Any]:
+        from digitkit.realworld.pattern import PatternError
+
+        if item.model_input:
+            raise ServiceError(422, "invalid request", "`model_input` pixels are the digit classifier's 28x28 input; "
+                               "this server reads rows with a row reader, which takes the row as an image: send the "
+                               "pixels without model_input")  # fmt: skip
+        version = loaded.reader_info.version
+        try:
+            reading = loaded.reader.read(item.data, pattern=pattern)
+        except PatternError as e:  # the routes compile it first; this is for in-process callers
+            raise ServiceError(422, "invalid pattern", str(e)) from None
+        latency_ms = round((time.perf_counter() - t0) * 1000, 3)
+        request_id = uuid.uuid4().hex
+        out = reading.to_json()
+        out.pop("record", None)
+        self.audit.record([AuditRecord(
+            request_id=request_id, time=time.time(), route="read", input_sha256=item.sha256(), model_version=version,
+            digit=reading.text or None, confidence=out["confidence"], rejected=reading.rejected,
+            latency_ms=latency_ms, client=client,
+        )])  # fmt: skip
+        if reading.rejected == "unreadable":  # logged first, as /v1/predict logs an unreadable attempt
+            raise ServiceError(422, "unreadable image", reading.why or "not an image")
+        return {"request_id": request_id, "model_version": version, **out, "latency_ms": latency_ms}
 
     def explain(self, item: Input, client: str, methods: list[str]) -> dict[str, Any]:
         """The prediction (logged like /v1/predict) plus one heat-map overlay PNG per method."""

@@ -157,7 +157,11 @@ class AuditSettings:
 @dataclass
 class ServeSettings:
     model: str = "runs/latest"
-    """Run folder or checkpoint file."""
+    """Run folder or checkpoint file of a single-digit classifier: /v1/predict, /v1/explain and the drawing page."""
+    reader: str = ""
+    """Run folder or checkpoint file of a row reader (task: sequence, `digitkit train --config configs/read.yaml`)
+    that answers /v1/read, reading a whole row without cutting it into digits. Empty: /v1/read cuts the row into
+    digits and classifies each with `model`. With engine onnx it runs from its run's export/model.onnx."""
     host: str = "127.0.0.1"
     port: int = 8000
     workers: int = 1
@@ -187,6 +191,9 @@ class ServeSettings:
         if self.engine not in ("torch", "onnx"):
             raise ConfigError(f"engine {self.engine!r}: expected torch or onnx (onnx needs `digitkit export RUN` "
                               "first)")
+        if not isinstance(self.reader, str):
+            raise ConfigError(f"reader {self.reader!r}: expected the path of a row-reader run folder or checkpoint "
+                              "(or nothing, to read rows with the digit classifier)")  # fmt: skip
         if self.workers < 1 or self.threads < 1 or self.cache_size < 0:
             raise ConfigError("workers and threads must be >= 1 and cache_size >= 0")
         for name in ("api_key", "admin_token"):

@@ -1,9 +1,12 @@
-// The drawing page: strokes in, /v1/predict while drawing, /v1/explain when a stroke ends.
+// The drawing page: strokes in, /v1/predict while drawing, /v1/explain when a stroke ends; the Read number button
+// sends the drawing to /v1/read, which reads several digits as one number (with the server's row reader when it has
+// one, else by cutting the drawing into digits).
 //
 // State the tests read from <body>: data-state (idle | busy | ready | error), data-drawing (a counter bumped by
 // every change to the drawing), data-answered (the drawing counter the shown answer belongs to), data-strokes,
 // and data-predictions (answers shown so far). "ready" means: the pen is up and the answer, saliency
-// included, is for the drawing on screen.
+// included, is for the drawing on screen. The number read: data-reading (idle | busy | done | error) and
+// data-read-for (the drawing counter the reading on screen belongs to).
 "use strict";
 
 const THROTTLE_MS = 120; // at most one prediction per this interval while drawing
@@ -13,6 +16,16 @@ const REASONS = {
   "not-a-digit": () => "That does not look like a digit",
   "unreadable": (a) => "Could not read the drawing" + (a.error ? ": " + a.error : ""),
   "low-confidence": (a) => a.predicted ? `Not sure: looks like ${a.predicted} (${pct(maxProb(a))})` : "Not sure",
+};
+
+// Why /v1/read gave no (sure) number: its `rejected` reasons.
+const READ_REASONS = {
+  "empty": "Nothing to read: write some digits",
+  "no-ink": "Nothing to read (no ink found)",
+  "too-wide": "The row is too wide to read",
+  "no-match": "No reading matches the pattern",
+  "low-confidence": "Not sure of this number",
+  "unreadable": "Could not read the drawing",
 };
 
 const $ = (id) => document.getElementById(id);
@@ -29,6 +42,7 @@ let timer = null;
 let lastSentAt = 0;
 let apiKey = sessionStorage.getItem("digitkit-api-key") || "";
 let lastAnswer = null;
+let readInFlight = false;
 
 function pct(p) {
   return (100 * p).toFixed(p >= 0.995 || p < 0.1 ? 0 : 1) + "%";
@@ -141,6 +155,8 @@ function changed() {
   body.dataset.drawing = version;
   body.dataset.strokes = strokes.length;
   $("undo").disabled = $("clear").disabled = strokes.length === 0;
+  $("read").disabled = strokes.length === 0 || readInFlight;
+  hideReading(); // a number read from an earlier drawing is not this drawing's
   redrawSoon();
   schedule(pointerId === null);
 }
@@ -209,6 +225,105 @@ async function api(path, payload) {
             detail: data && data.detail };
   }
   return data;
+}
+
+// ------------------------------------------------------------------------------------------ reading a number
+$("read").addEventListener("click", readNumber);
+
+async function readNumber() {
+  if (readInFlight || pointerId !== null || !strokes.length) return;
+  redraw(); // the export must hold every point, not wait for the next frame
+  const image = canvas.toDataURL("image/png");
+  const sent = version;
+  readInFlight = true;
+  $("read").disabled = true;
+  body.dataset.reading = "busy";
+  let answer = null;
+  let failure = null;
+  try {
+    answer = await api("/v1/read", { image });
+  } catch (err) {
+    failure = err;
+  }
+  readInFlight = false;
+  $("read").disabled = strokes.length === 0;
+  if (sent !== version) { // the drawing changed meanwhile: this reading is not of what is on screen
+    body.dataset.reading = "idle";
+    return;
+  }
+  if (failure) showReadError(failure);
+  else await showReading(answer, image, sent);
+}
+
+async function showReading(a, image, drawingVersion) {
+  const text = a.text || "";
+  $("read-text").textContent = text || "\u2013";
+  const whole = typeof a.confidence === "number"; // the row reader: the probability of the whole string
+  $("read-confidence").textContent = !text ? "" : whole ? `${pct(a.confidence)} sure of the number`
+    : `${pct(a.mean_confidence)} sure per digit (mean)`;
+  let message = "";
+  if (a.rejected) message = (READ_REASONS[a.rejected] || a.rejected) + (a.why ? ": " + a.why : "");
+  else if (!a.complete && text) message = "Some digits could not be read (shown as ?)";
+  $("read-message").textContent = message;
+  await drawBoxes(image, a.digits || []);
+  if (drawingVersion !== version) { // the drawing changed while the picture decoded
+    body.dataset.reading = "idle";
+    return;
+  }
+  const how = a.reader === "sequence" ? "row reader" : "digits cut out and classified";
+  $("read-status").textContent = `${a.latency_ms.toFixed(1)} ms · ${how} · ${a.model_version}`;
+  $("reading").hidden = false;
+  body.dataset.readFor = drawingVersion;
+  body.dataset.reading = "done";
+}
+
+// The drawing as it was sent, with each digit's box (the boxes are in the sent image's pixels).
+async function drawBoxes(image, digits) {
+  const out = $("read-boxes");
+  const g = out.getContext("2d");
+  const img = new Image();
+  img.src = image;
+  try {
+    await img.decode();
+    g.drawImage(img, 0, 0, out.width, out.height);
+  } catch (_) {
+    g.fillStyle = "#fff";
+    g.fillRect(0, 0, out.width, out.height);
+  }
+  const sx = out.width / canvas.width;
+  const sy = out.height / canvas.height;
+  g.lineWidth = 3;
+  g.font = "bold 22px system-ui, sans-serif";
+  g.textBaseline = "bottom";
+  for (const d of digits) {
+    const [x0, y0, x1, y1] = d.box;
+    g.strokeStyle = g.fillStyle = d.digit === null || d.rejected ? "#b91c1c" : "#1d4ed8";
+    g.strokeRect(x0 * sx, y0 * sy, Math.max(1, (x1 - x0) * sx), Math.max(1, (y1 - y0) * sy));
+    g.fillText(d.digit === null ? "?" : d.digit, x0 * sx, Math.max(22, y0 * sy - 2));
+  }
+  out.dataset.boxes = String(digits.length);
+}
+
+function showReadError(err) {
+  body.dataset.reading = "error";
+  if (err.status === 401) {
+    $("key-form").hidden = false;
+    $("api-key").focus();
+  }
+  const detail = typeof err.detail === "string" ? err.detail : err.detail ? JSON.stringify(err.detail) : "";
+  $("read-text").textContent = "";
+  $("read-confidence").textContent = "";
+  $("read-message").textContent = "";
+  $("read-boxes").getContext("2d").clearRect(0, 0, $("read-boxes").width, $("read-boxes").height);
+  $("read-boxes").dataset.boxes = "0";
+  const code = err.status ? " " + err.status : "";
+  $("read-status").textContent = `Error${code}: ${err.error}${detail ? ": " + detail : ""}`;
+  $("reading").hidden = false;
+}
+
+function hideReading() {
+  $("reading").hidden = true;
+  if (body.dataset.reading !== "busy") body.dataset.reading = "idle";
 }
 
 // ------------------------------------------------------------------------------------------ showing
@@ -331,7 +446,9 @@ async function loadModel() {
     }
     const acc = m.metrics && (m.metrics.test_accuracy ?? m.metrics.val_accuracy);
     const which = m.metrics && m.metrics.test_accuracy !== undefined ? "test" : "validation";
-    $("model-info").textContent = `model ${m.name}` + (acc !== undefined ? ` · ${(100 * acc).toFixed(2)}% ${which} accuracy` : "");
+    const rows = m.reader && m.reader.kind === "sequence" ? ` · numbers read by ${m.reader.name} (row reader)` : "";
+    const score = acc !== undefined ? ` · ${(100 * acc).toFixed(2)}% ${which} accuracy` : "";
+    $("model-info").textContent = `model ${m.name}` + score + rows;
   } catch (err) {
     $("model-info").textContent = "model information unavailable (" + err.error + ")";
   }
