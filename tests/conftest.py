@@ -98,7 +98,7 @@ def row_reader_run(tmp_path_factory, mnist_train) -> Path:
     cfg = config.load(ROOT / "configs" / "read.yaml", [
         f"data.dir={MNIST_DIR}", "model.args.channels=[8,16,32]", "model.args.hidden=32", "train.epochs=2",
         "train.batch_size=32", "rows.rows_per_epoch=320", "rows.val_rows=64", "rows.test_rows=64",
-        "train.plots=false", "rows.max_digits=6",
+        "train.plots=false", "rows.max_digits=6", "rows.font_share=0",
     ])  # fmt: skip
     sub = data.stratified_split(mnist_train.labels, 2000 / len(mnist_train), seed=0)[1]
     small = mnist_train.subset(sub)

@@ -108,6 +108,22 @@ def test_fixed_rows_give_a_third_touching_rows_and_are_the_same_every_time(small
     assert 0.22 < share < 0.42  # a third of the rows with 2+ digits (1-digit rows cannot touch)
 
 
+def test_font_share_swaps_in_printed_digits_with_their_labels(small_digits):
+    from digitkit.rows import HELD_OUT_FONTS, font_digits, training_fonts
+
+    assert not set(HELD_OUT_FONTS) & set(training_fonts())
+    fonts = font_digits(["sans", "serif"], slants=(0.0,))
+    assert len(fonts) == 20 and fonts.labels.tolist() == list(range(10)) * 2
+    only_3_and_7 = fonts.subset(torch.nonzero((fonts.labels == 3) | (fonts.labels == 7)).flatten())
+    g = torch.Generator().manual_seed(0)
+    swapped = compose(small_digits, 16, g, RowsConfig(font_share=1.0), digits=(4, 4), fonts=only_3_and_7)
+    assert set("".join(swapped.texts)) <= {"3", "7"}  # every digit (image and label) came from the fonts
+    assert "".join(swapped.texts) == "".join(str(int(c) - 1) for c in swapped.targets)
+    some = compose(small_digits, 64, g, RowsConfig(font_share=0.2), digits=(4, 4), fonts=only_3_and_7)
+    share = np.mean([c in "37" for c in "".join(some.texts)])
+    assert 0.2 < share < 0.5  # 20% swapped in, plus the MNIST 3s and 7s (20%) among the rest
+
+
 # ---------------------------------------------------------------------------------------------- model, config
 def test_crnn_reads_any_width_and_is_kept_out_of_the_classifier_lists():
     model = create_model("crnn", num_classes=10, img_size=32, channels=(8, 16, 32), hidden=16).eval()
@@ -139,7 +155,7 @@ def _tiny_reader_cfg(*extra):
     return config.load(ROOT / "configs" / "read.yaml", [
         f"data.dir={MNIST_DIR}", "model.args.channels=[8,16,32]", "model.args.hidden=16", "train.epochs=3",
         "train.batch_size=16", "rows.rows_per_epoch=96", "rows.val_rows=32", "rows.test_rows=32",
-        "train.plots=false", "rows.max_digits=4", "train.cpu_bf16=false", *extra,
+        "train.plots=false", "rows.max_digits=4", "train.cpu_bf16=false", "rows.font_share=0", *extra,
     ])  # fmt: skip
 
 

@@ -46,9 +46,9 @@ class _LogProbs(nn.Module):
 
 def to_onnx_sequence(model: nn.Module, height: int, opset: int, metadata: dict[str, str]) -> bytes:
     """The serialized graph: rows (N, 1, height, W) -> log_probs (N, W / FRAME_PX, K), N and W dynamic."""
-    from digitkit.export import export_graph
-
     import onnx
+
+    from digitkit.export import export_graph
 
     example = torch.rand(2, 1, height, 32 * FRAME_PX)
     frames = torch.export.Dim("frames", min=2, max=4096)

@@ -409,6 +409,21 @@ def ink_image(gray: np.ndarray, cfg: PreprocessConfig | None = None) -> tuple[np
     return ink, mask, record
 
 
+def ink_candidates(gray: np.ndarray, cfg: PreprocessConfig | None = None
+                   ) -> list[tuple[str, np.ndarray, np.ndarray, dict[str, Any]]]:  # fmt: skip
+    """ink_image's reading first, then each other reading the survey was unsure between (as `preprocess` offers
+    them as candidates): [(name, ink, mask, record)]. A reader that can score its input (the row reader's string
+    probability) lets that choose, as the classifier's confidence chooses among preprocess's candidates."""
+    cfg = cfg or PreprocessConfig()
+    gray = np.asarray(gray, dtype=np.float32)
+    survey = _survey(gray, cfg)
+    out = []
+    for reading in [survey.reading, *(r for _, r in survey.alternatives)]:
+        ink, mask, _, record = _ink(gray, cfg, survey, reading)
+        out.append((_reading_name(reading), ink, mask, record))
+    return out
+
+
 @dataclass
 class _Components:
     labels: np.ndarray  # (H, W) int32: the kept components' labels (their soft edges included), 0 elsewhere

@@ -24,7 +24,7 @@ from scipy import ndimage
 from digitkit.errors import DataError
 from digitkit.preprocess import ink_image, load_image_info
 from digitkit.realworld.pattern import compile_pattern
-from digitkit.realworld.reader import BEAM_WIDTH, RowReading, SequenceReader
+from digitkit.realworld.reader import BEAM_WIDTH, RowReading, SequenceReader, kept_ink
 from digitkit.rows import normalize_row_geometry
 
 GAP_HEIGHTS = 1.2
@@ -152,7 +152,7 @@ def read_page(reader: SequenceReader, source: Any, fields: dict[str, str] | None
         x0, y0, x1, y1 = boxes[k]
         own = owner[y0:y1, x0:x1] == k + 1
         # Only this field's marks (soft edges included): a neighbour's descender in the box is not read.
-        crop = np.where(ndimage.binary_dilation(own, iterations=2), ink[y0:y1, x0:x1], 0)
+        crop = kept_ink(ink[y0:y1, x0:x1], own)
         try:
             row, geom = normalize_row_geometry(crop, reader.rows_cfg)
         except DataError:  # a field wider than a row can be (a rule across the page): not a digit field

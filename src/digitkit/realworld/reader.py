@@ -29,7 +29,7 @@ from digitkit import checkpoint
 from digitkit.config import Config, InferenceConfig
 from digitkit.errors import ConfigError, DataError
 from digitkit.models.crnn import FRAME_PX
-from digitkit.preprocess import PreprocessConfig, ink_image, load_image_info
+from digitkit.preprocess import PreprocessConfig, ink_candidates, load_image_info
 from digitkit.realworld import ctc
 from digitkit.realworld.pattern import Pattern, compile_pattern
 from digitkit.rows import RowGeometry, RowsConfig, normalize_row_geometry, stack_rows
@@ -126,6 +126,9 @@ class SequenceReader:
 
     def read_many(self, sources: list[Any], pattern: str | None = None,
                   beam_width: int = BEAM_WIDTH) -> list[RowReading]:  # fmt: skip
+        """Many rows at once (one batched forward pass per CHUNK rows). Where preprocessing is unsure how to read
+        an image (preprocess.ink_candidates: lighting or solid ink, polarity), each reading is read and the more
+        probable string wins; its record says so."""
         compiled = compile_pattern(pattern) if pattern is not None else None
         readings: list[RowReading | None] = [None] * len(sources)
         prepared: list[tuple[int, np.ndarray, RowGeometry, np.ndarray, float, dict]] = []
@@ -136,21 +139,33 @@ class SequenceReader:
                 readings[i] = RowReading("", 0.0, rejected="unreadable", why=str(e), pattern=pattern)
                 continue
             scale = info["width"] / gray.shape[1] if "width" in info else 1.0
-            ink, mask, record = ink_image(gray, self.preprocess_cfg)
-            if record.get("rejected"):
-                readings[i] = RowReading("", 0.0, rejected=record["rejected"], pattern=pattern, record=record)
-                continue
-            try:
-                row, geom = normalize_row_geometry(ink, self.rows_cfg)
-            except DataError as e:
-                readings[i] = RowReading("", 0.0, rejected="too-wide" if "wide" in str(e) else "no-ink", why=str(e),
-                                         pattern=pattern, record=record)  # fmt: skip
-                continue
-            prepared.append((i, row, geom, mask, scale, record))
+            candidates = ink_candidates(gray, self.preprocess_cfg)
+            names = [c[0] for c in candidates]
+            for name, ink, mask, record in candidates:
+                if record.get("rejected"):
+                    if readings[i] is None:
+                        readings[i] = RowReading("", 0.0, rejected=record["rejected"], pattern=pattern,
+                                                 record=record)  # fmt: skip
+                    continue
+                try:
+                    row, geom = normalize_row_geometry(kept_ink(ink, mask), self.rows_cfg)
+                except DataError as e:
+                    if readings[i] is None:
+                        readings[i] = RowReading("", 0.0, rejected="too-wide" if "wide" in str(e) else "no-ink",
+                                                 why=str(e), pattern=pattern, record=record)  # fmt: skip
+                    continue
+                if len(names) > 1:
+                    record = {**record, "reading": name, "candidates": names}
+                prepared.append((i, row, geom, mask, scale, record))
         if prepared:
             lps = self.log_probs([p[1] for p in prepared])
+            best: dict[int, RowReading] = {}
             for (i, _, geom, mask, scale, record), lp in zip(prepared, lps, strict=True):
-                readings[i] = self.decode(lp, geom, mask, scale, record, compiled, pattern, beam_width)
+                r = self.decode(lp, geom, mask, scale, record, compiled, pattern, beam_width)
+                if i not in best or _rank(r) > _rank(best[i]):
+                    best[i] = r
+            for i, r in best.items():
+                readings[i] = r
         return readings  # type: ignore[return-value]
 
     def decode(self, lp: np.ndarray, geom: RowGeometry, mask: np.ndarray, scale: float, record: dict,
@@ -174,6 +189,22 @@ class SequenceReader:
                   for ch, conf, box in zip(decoded.text, decoded.char_confidences, boxes, strict=True)]  # fmt: skip
         return RowReading(decoded.text, decoded.confidence, digits, rejected, why, pattern,
                           None if pattern is None else matched, record)  # fmt: skip
+
+
+def _rank(r: RowReading) -> tuple[bool, float]:
+    """Which of an image's readings to answer with: one that matches the pattern, then the more probable string."""
+    return (r.rejected != "no-match", r.confidence)
+
+
+def kept_ink(ink: np.ndarray, mask: np.ndarray, grow_px: int = 2) -> np.ndarray:
+    """The ink on and just around the kept strokes (`mask`, grown by `grow_px` for the soft edges), 0 elsewhere.
+    On a photo the grey levels keep some of the paper's shading and vignette around a row; read as ink, that haze
+    makes the row's box the whole image and the digits specks in it. Rows are trained on a clean background."""
+    if not mask.any():
+        return ink
+    from scipy import ndimage
+
+    return np.where(ndimage.binary_dilation(mask, iterations=grow_px), ink, 0).astype(np.float32)
 
 
 def char_boxes(frames: tuple[tuple[int, int], ...], geom: RowGeometry, mask: np.ndarray,
