@@ -1092,6 +1092,10 @@ def cmd_read(args: argparse.Namespace) -> int:
         return 1 if failed else 0
     if args.page or args.field:
         raise ConfigError("--page and --field need a row reader (a run trained with configs/read.yaml)")
+    if args.pattern is not None:  # a bad pattern is the command's error, not each file's
+        from digitkit.realworld.pattern import compile_pattern
+
+        compile_pattern(args.pattern)
     rec = _recognizer(args)
     for path in files:
         try:

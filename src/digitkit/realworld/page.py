@@ -179,7 +179,7 @@ def read_page(reader: SequenceReader, source: Any, fields: dict[str, str] | None
         for name, pattern in compiled.items():
             for i in range(len(rows)):
                 r = decode(i, pattern, named[name])
-                if r.pattern_ok and r.rejected is None:
+                if r.pattern_ok:  # a match of low confidence is still the field, answered with its reason
                     candidates.append((r.confidence, name, i, r))
         taken: set[str] = set()
         for _, name, i, r in sorted(candidates, key=lambda c: -c[0]):
