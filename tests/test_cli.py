@@ -62,6 +62,7 @@ def test_models_lists_every_model_with_counts(capsys):
     rows = {r["name"]: r for r in json.loads(out)}
     assert code == 0 and {"mlp", "cnn1", "cnn2", "cnn3", "lenet_like", "classic"} <= set(rows)
     assert rows["cnn1"]["params"] == 63082 and rows["cnn1"]["macs"] == 288512
+    assert rows["crnn"]["task"] == "sequence" and rows["cnn1"]["task"] == "classify"
     code, out, _ = run_cli(capsys, "models")
     assert "classic" in out and "MACs/image" in out
 

@@ -434,14 +434,20 @@ def cmd_models(args: argparse.Namespace) -> int:
     rows = []
     for name in list_models():
         model = create_model(name)
-        rows.append({"name": name, "params": count_params(model), "macs": count_macs(model),
+        rows.append({"name": name, "task": "classify", "params": count_params(model), "macs": count_macs(model),
                      "options": model_options(name), "description": model_description(name)})  # fmt: skip
+    for name in list_models("sequence"):  # row readers: counted on a 32 x 128 row (about five digits)
+        model = create_model(name, img_size=32)
+        rows.append({"name": name, "task": "sequence", "params": count_params(model),
+                     "macs": count_macs(model, 1, 32, 128), "options": model_options(name),
+                     "description": model_description(name)})  # fmt: skip
     if args.json:
         print(json.dumps(rows, default=list))
         return 0
     print(f"{'model':12s} {'params':>10s} {'MACs/image':>12s}  description")
     for r in rows:
-        print(f"{r['name']:12s} {r['params']:>10,d} {r['macs']:>12,d}  {r['description']}")
+        note = " (MACs per 32x128 row; task: sequence)" if r["task"] == "sequence" else ""
+        print(f"{r['name']:12s} {r['params']:>10,d} {r['macs']:>12,d}  {r['description']}{note}")
     return 0
 
 
