@@ -113,6 +113,20 @@ def onnx_path(path: str | Path) -> Path:
     return candidate
 
 
+def check_exported_from(engine: OnnxModel, path: str | Path, expect_sha256: str | None) -> None:
+    """Refuse a stale export: one written from another checkpoint than `expect_sha256`, or, given a run folder or
+    checkpoint rather than an .onnx file, than that checkpoint as it is now (`digitkit calibrate` rewrites it)."""
+    if expect_sha256 is None and Path(path).suffix != ".onnx":
+        from digitkit.checkpoint import resolve
+        from digitkit.idx import sha256
+
+        expect_sha256 = sha256(resolve(path).read_bytes())
+    exported_from = engine.metadata.get("checkpoint_sha256", "")
+    if expect_sha256 is not None and exported_from != expect_sha256:
+        raise DataError(f"{engine.path} was exported from checkpoint {exported_from[:12]}, not from the one being "
+                        f"served ({expect_sha256[:12]}); re-export with `digitkit export RUN --format onnx`")
+
+
 def open_recognizer(path: str | Path, threads: int = 0, torch_model: torch.nn.Module | None = None,
                     expect_checkpoint_sha256: str | None = None) -> Any:  # fmt: skip
     """A Recognizer answering through ONNX Runtime, configured from the file's metadata alone.
@@ -127,18 +141,8 @@ def open_recognizer(path: str | Path, threads: int = 0, torch_model: torch.nn.Mo
     from digitkit.preprocess import PreprocessConfig
 
     engine = OnnxModel(onnx_path(path), threads)
-    if expect_checkpoint_sha256 is None and Path(path).suffix != ".onnx":
-        from digitkit.checkpoint import resolve
-        from digitkit.idx import sha256
-
-        expect_checkpoint_sha256 = sha256(resolve(path).read_bytes())
     contract = engine.contract()
-    exported_from = engine.metadata["checkpoint_sha256"]
-    if expect_checkpoint_sha256 is not None and exported_from != expect_checkpoint_sha256:
-        raise DataError(
-            f"{engine.path} was exported from checkpoint {exported_from[:12]}, not from the one being served "
-            f"({expect_checkpoint_sha256[:12]}); re-export with `digitkit export RUN --format onnx`"
-        )
+    check_exported_from(engine, path, expect_checkpoint_sha256)
     try:
         pre, inf = PreprocessConfig(**contract["preprocess"]), InferenceConfig(**contract["inference"])
     except (TypeError, ConfigError) as e:
@@ -176,16 +180,8 @@ def open_reader(path: str | Path, threads: int = 0, expect_checkpoint_sha256: st
     from digitkit.rows import RowsConfig
 
     engine = OnnxSequenceModel(onnx_path(path), threads)
-    if expect_checkpoint_sha256 is None and Path(path).suffix != ".onnx":
-        from digitkit.checkpoint import resolve
-        from digitkit.idx import sha256
-
-        expect_checkpoint_sha256 = sha256(resolve(path).read_bytes())
     contract = engine.contract()
-    exported_from = engine.metadata.get("checkpoint_sha256", "")
-    if expect_checkpoint_sha256 is not None and exported_from != expect_checkpoint_sha256:
-        raise DataError(f"{engine.path} was exported from checkpoint {exported_from[:12]}, not from the one being "
-                        f"served ({expect_checkpoint_sha256[:12]}); re-export with `digitkit export RUN`")  # fmt: skip
+    check_exported_from(engine, path, expect_checkpoint_sha256)
     try:
         rows, pre = RowsConfig(**contract["rows"]), PreprocessConfig(**contract["preprocess"])
         inf = InferenceConfig(**contract["inference"])

@@ -28,7 +28,6 @@ from digitkit.models import DigitModel, count_macs, count_params
 from digitkit.models.crnn import FRAME_PX
 from digitkit.rows import RowBatch, compose, fixed_rows, font_digits, training_fonts
 from digitkit.train import (
-    LAST,
     FitState,
     Reporter,
     SilentReporter,
@@ -36,6 +35,7 @@ from digitkit.train import (
     _update_early_stopping,
     mixed_precision,
     pick_device,
+    save_resume,
     training_state,
     write_metrics,
 )
@@ -181,11 +181,7 @@ def fit_sequence(
             _update_early_stopping(state, val_loss, t.early_stopping_patience_epochs)
         _update_best(state, measured, row, val_loss, run_dir, meta, t.checkpoint_metric)
         write_metrics(run_dir / "metrics.csv", state.history)
-        checkpoint.save(run_dir / LAST, {
-            **checkpoint.model_payload(model, meta), "kind": "resume", "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict() if sched is not None else {},
-            "ema": ema.state_dict() if ema is not None else {}, "fit_state": vars(state), "world_size": 1,
-        })  # fmt: skip
+        save_resume(run_dir, model, meta, opt, sched, ema, state)
         reporter.epoch_end(row)
         epochs_this_call += 1
         if stop_after_epochs is not None and epochs_this_call >= stop_after_epochs:

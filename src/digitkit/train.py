@@ -226,18 +226,7 @@ def fit(
         if world.is_main:  # every rank holds the same weights and history; only rank 0 writes
             _update_best(state, measured, row, log_loss, run_dir, meta, t.checkpoint_metric)
             write_metrics(run_dir / "metrics.csv", state.history)
-            checkpoint.save(
-                run_dir / LAST,
-                {
-                    **checkpoint.model_payload(model, meta),
-                    "kind": "resume",
-                    "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict() if sched is not None else {},
-                    "ema": ema.state_dict() if ema is not None else {},
-                    "fit_state": vars(state),
-                    "world_size": world.size,
-                },
-            )
+            save_resume(run_dir, model, meta, opt, sched, ema, state, world.size)
         reporter.epoch_end(row)
         epochs_this_call += 1
         if stop_after_epochs is not None and epochs_this_call >= stop_after_epochs:
@@ -262,6 +251,16 @@ def training_state(model: DigitModel, t: TrainConfig, steps_per_epoch: int, resu
             ema.load_state_dict(resume["ema"])
         state = FitState(**resume["fit_state"])
     return opt, sched, sched_every, ema, state
+
+
+def save_resume(run_dir: Path, model: DigitModel, meta: dict[str, Any], opt: optim.Optimizer, sched: Any, ema: Any,
+                state: FitState, world_size: int = 1) -> None:  # fmt: skip
+    """last.pt: everything training_state restores (weights, optimizer, schedule, EMA, FitState)."""
+    checkpoint.save(run_dir / LAST, {
+        **checkpoint.model_payload(model, meta), "kind": "resume", "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict() if sched is not None else {},
+        "ema": ema.state_dict() if ema is not None else {}, "fit_state": vars(state), "world_size": world_size,
+    })  # fmt: skip
 
 
 def epoch_steps(n: int, t: TrainConfig) -> int:
