@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from digitkit import augment as A
 from digitkit import config, runs
 from digitkit.config import ConfigError
-from digitkit.data import Dataset
+from digitkit.data import Dataset, load_split
 from digitkit.errors import DataError
 from digitkit.realworld import negatives
 from digitkit.train import outlier_batch, train_step
@@ -242,3 +242,62 @@ def test_recognizer_rejects_below_the_digit_score_as_not_a_digit(mnist_small_run
             assert a.to_json()["digit_score"] == a.digit_score
     with pytest.raises(ConfigError, match="reject_below_digit_score"):
         config.from_dict({"inference": {"reject_below_digit_score": -1.0}})
+
+
+# ------------------------------------------------------------------------------------------ reject gate
+def test_reject_gate_mixes_the_answer_towards_no_idea() -> None:
+    """cnn3's reject_gate: one more output s; the answer is log((1 - q) softmax(z) + q / 10), q = sigmoid(s)."""
+    import math
+
+    from digitkit.models import create_model
+    from digitkit.models.cnn import RejectGate
+
+    torch.manual_seed(0)
+    model = create_model("cnn3", reject_gate=True).eval()
+    assert isinstance(model.head, RejectGate)
+    x = torch.rand(5, 1, 28, 28)
+    with torch.no_grad():
+        out = model(x)
+        assert out.shape == (5, 10) and torch.allclose(out.logsumexp(1), torch.zeros(5), atol=1e-5)
+        last = model.head.head[-1]  # the linear layer: its 11th output is the gate
+        last.weight[10] = 0.0
+        last.bias[10] = 30.0  # certainly not a digit: every class alike
+        assert torch.allclose(model(x), torch.full((5, 10), -math.log(10)), atol=1e-5)
+        last.bias[10] = -30.0  # certainly a digit: the digit logits' own answer
+        z = model.head.head(model.forward_features(x))[:, :10]
+        assert torch.allclose(model(x), z.log_softmax(1), atol=1e-5)
+        last.bias[10] = 0.0  # q = 1/2: half way
+        assert torch.allclose(model(x).exp(), 0.5 * z.softmax(1) + 0.05, atol=1e-5)
+    assert create_model("cnn3")(x).shape == (5, 10)  # off by default: ten plain logits
+
+
+def test_reject_gate_learns_non_digits_trains_exports_and_reopens(tmp_path: Path) -> None:
+    """Trained with outlier exposure the gate opens on unseen non-digits and stays shut on digits; the run
+    reopens with its gate and its ONNX export answers as PyTorch does."""
+    from digitkit import export
+
+    images, kinds = negatives.build(60, seed=9, kinds=("letter", "symbol", "blank_paper"), mnist_dir=MNIST_DIR)
+    neg_dir = negatives.save(tmp_path / "negs", images[:40], kinds[:40])
+    data_dir = make_idx_dir(tmp_path / "data", num_classes=4, n_train=400, n_test=80)
+    cfg = config.from_dict({
+        "seed": 0, "data": {"dir": str(data_dir), "val_fraction": 0.2, "negatives_dir": str(neg_dir)},
+        "model": {"name": "cnn3", "args": {"channels": [8, 16, 32], "reject_gate": True}},
+        "augment": {"recipe": "none"},
+        "train": {"epochs": 6, "batch_size": 32, "lr": 3e-3, "outlier_weight": 1.0, "outlier_batch": 16,
+                  "plots": False, "threads": 1},
+    })  # fmt: skip
+    summary = runs.train_run(cfg, out=tmp_path / "run", point_latest_link=False)
+    opened = runs.open_model(summary["run_dir"])
+    model = opened.model.eval()
+    held_out = images[40:].float() / 255
+    digits = load_split(data_dir, "test").images.float() / 255
+    with torch.no_grad():
+        def gate(x: torch.Tensor) -> torch.Tensor:
+            return torch.sigmoid(model.head.head(model.forward_features(x))[:, model.head.num_classes].float())
+
+        opened_on, shut_on = float(gate(held_out).mean()), float(gate(digits).mean())
+        assert opened_on > shut_on + 0.2 and opened_on > 4 * shut_on, (opened_on, shut_on)
+    assert summary["val_accuracy"] > 0.9
+    report = export.export_run(summary["run_dir"], options=export.ExportOptions(measure_speed=False),
+                               data_dir=data_dir)  # fmt: skip
+    assert report.parity["agreement"] >= 0.9999 and report.parity["max_abs_prob_diff"] < 1e-4

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import math
+
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from digitkit.errors import ConfigError
@@ -36,12 +40,32 @@ def _linear_head(channels: int, spatial: int, num_classes: int, dropout: float, 
     return nn.Sequential(*layers)
 
 
+class RejectGate(nn.Module):
+    """A head with one more output than there are classes: a "not a digit" logit s. The answer is the mixture
+    p = (1 - q) softmax(z) + q / K with q = sigmoid(s), returned as log p (normalized log-probabilities, so every
+    consumer of logits, calibration and ONNX included, reads it unchanged). A non-digit can then turn the answer
+    to "no idea" through s alone, without flattening the digit logits z that the digits need; outlier exposure's
+    loss (cross-entropy of non-digits to uniform) trains s."""
+
+    def __init__(self, head: nn.Module, num_classes: int):
+        super().__init__()
+        self.head = head
+        self.num_classes = num_classes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.head(x).float()
+        z, s = out[:, : self.num_classes], out[:, self.num_classes :]
+        digit = F.logsigmoid(-s) + F.log_softmax(z, dim=1)
+        return torch.logaddexp(digit, F.logsigmoid(s) - math.log(self.num_classes))
+
+
 def _cnn(num_classes: int, in_chans: int, img_size: int, channels: tuple[int, ...], dropout: float,
-         convs_per_stage: int = 1):  # fmt: skip
+         convs_per_stage: int = 1, reject_gate: bool = False):  # fmt: skip
     spatial = img_size
     for _ in channels:
         spatial //= 2
-    return _stages(in_chans, channels, convs_per_stage), _linear_head(channels[-1], spatial, num_classes, dropout)
+    head = _linear_head(channels[-1], spatial, num_classes + int(reject_gate), dropout)
+    return _stages(in_chans, channels, convs_per_stage), RejectGate(head, num_classes) if reject_gate else head
 
 
 @register_model
@@ -65,9 +89,11 @@ def cnn3(
     img_size: int,
     channels: tuple[int, ...] = (32, 64, 128),
     dropout: float = 0.3,
+    reject_gate: bool = False,
 ):
-    """Three blocks: 32, 64, 128 filters, each Conv-BN-ReLU-MaxPool; dropout 0.3 before the linear head."""
-    return _cnn(num_classes, in_chans, img_size, tuple(channels), dropout)
+    """Three blocks: 32, 64, 128 filters, each Conv-BN-ReLU-MaxPool; dropout 0.3 before the linear head.
+    reject_gate: one more output, a "not a digit" gate (RejectGate) for training with non-digits."""
+    return _cnn(num_classes, in_chans, img_size, tuple(channels), dropout, reject_gate=bool(reject_gate))
 
 
 @register_model
