@@ -16,7 +16,11 @@ Per set and reader: exact-string accuracy (every digit read, nothing added), cha
 With --source test (the default) nothing here chooses anything: the sets come from the MNIST test files and fonts.
 
     python benchmarks/read.py --reader runs/read-s0 [--classifier runs/rw3e20-s0] [--rows 300] \
-        [--source test|val] [--setup] [--no-tesseract] [--out benchmarks/results/read.json]
+        [--source test|val] [--setup] [--no-tesseract] [--ink-fractions 0.64,0.7,0.75,0.8,0.86|none] \
+        [--reread-below 0.9] [--out benchmarks/results/read.json]
+
+--ink-fractions and --reread-below replace the run's inference.row_ink_fractions (the heights a row is read at)
+and inference.reread_below_row_confidence (read the other heights only for rows less sure than this).
 
 --source val builds the rows from the reader's validation digits (the font rows are the same) and chooses
 inference.reject_below_row_confidence there: the highest threshold rejecting at most 1% of the rows read right.
@@ -28,6 +32,7 @@ without them the Tesseract column and font_photo_rows are skipped with a line sa
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import platform
@@ -125,13 +130,12 @@ def _iou(a: list[int], b: list[int]) -> float:
     return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
 
-def measure_pages(run: str, forms: list[dict]) -> dict:
+def measure_pages(run: str, forms: list[dict], inference: dict | None = None) -> dict:
     """Each handwritten field found (a field box with IoU > 0.5) and read exactly; printed labels read as digit
     fields (not rejected) count as false fields; time per page (image bytes to every field read)."""
     from digitkit.realworld.page import read_page
-    from digitkit.realworld.reader import SequenceReader
 
-    rdr = SequenceReader.open(run)
+    rdr = open_reader(run, inference)
     times, found, exact, total, false_fields = [], 0, 0, 0, 0
     for form in forms:
         t0 = time.perf_counter()
@@ -167,10 +171,19 @@ def tesseract_reader():
     return read
 
 
-def sequence_reader(run: str):
+def open_reader(run: str, inference: dict | None = None):
+    """The run's reader; `inference` replaces keys of its inference config (as the run's config would)."""
+    from digitkit.config import InferenceConfig
     from digitkit.realworld.reader import SequenceReader
 
     rdr = SequenceReader.open(run)
+    if inference:
+        rdr.inference = InferenceConfig(**{**dataclasses.asdict(rdr.inference), **inference})
+    return rdr
+
+
+def sequence_reader(run: str, inference: dict | None = None):
+    rdr = open_reader(run, inference)
 
     def read(png: bytes) -> tuple[str, float]:
         r = rdr.read(png)
@@ -273,8 +286,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--setup", action="store_true", help="apt-get install tesseract-ocr and the fonts if missing")
     ap.add_argument("--no-tesseract", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ink-fractions", help="comma-separated heights to read each row at, replacing the run's "
+                    "inference.row_ink_fractions (e.g. 0.64,0.7,0.75,0.8,0.86; 'none' for the one height)")  # fmt: skip
+    ap.add_argument("--reread-below", type=float, help="replaces the run's inference.reread_below_row_confidence "
+                    "(1: every row at every height)")  # fmt: skip
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "read.json"))
     args = ap.parse_args(argv)
+    inference: dict = {}
+    if args.ink_fractions:
+        inference["row_ink_fractions"] = ([] if args.ink_fractions == "none"
+                                          else [float(f) for f in args.ink_fractions.split(",")])  # fmt: skip
+    if args.reread_below is not None:
+        inference["reread_below_row_confidence"] = args.reread_below
     if args.setup:
         setup()
     torch.set_num_threads(args.threads)
@@ -294,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
             d, fonts[int(rng.integers(len(fonts)))], slant_degrees=float(rng.uniform(-8, 8))))  # fmt: skip
     else:
         print("font_photo_rows skipped: no handwriting fonts installed (benchmarks/read.py --setup installs them)")
-    readers = {"sequence": sequence_reader(args.reader)}
+    used = open_reader(args.reader, inference).inference
+    readers = {"sequence": sequence_reader(args.reader, inference)}
     if args.classifier:
         readers["segment"] = segment_reader(args.classifier)
     tess = None if args.no_tesseract else tesseract_reader()
@@ -313,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{100 * (m['separated_exact'] or 0):5.1f}%  chars {100 * m['char_accuracy']:5.1f}%  "
                   f"{m['ms_per_row_p50']:.1f} ms/row", flush=True)  # fmt: skip
     if args.pages:
-        m = measure_pages(args.reader, pages(test, args.pages, args.seed))
+        m = measure_pages(args.reader, pages(test, args.pages, args.seed), inference)
         results["pages"] = m
         print(f"pages ({m['pages']}, {m['fields']} fields): found {100 * m['found']:.1f}%  read exactly "
               f"{100 * m['exact']:.1f}%  false fields {m['false_fields_per_page']:.2f}/page  "
@@ -325,7 +349,8 @@ def main(argv: list[str] | None = None) -> int:
               "the rows read right rejected on every set)")  # fmt: skip
     out = {
         "reader": args.reader, "source": args.source, "classifier": args.classifier, "rows_per_set": args.rows,
-        "seed": args.seed,
+        "seed": args.seed, "row_ink_fractions": used.row_ink_fractions,
+        "reread_below_row_confidence": used.reread_below_row_confidence,
         "touching_rows_share": TOUCHING_ROWS, "fonts": fonts, "threads": args.threads,
         "tesseract": _tesseract_version() if tess is not None else None,
         "machine": {"processor": _cpu_name(), "python": platform.python_version(), "torch": torch.__version__},

@@ -261,3 +261,46 @@ def test_torch_and_numpy_inputs_decode_alike():
 def test_bad_inputs_are_refused_with_a_reason(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+# ------------------------------------------------------------------------------------------ several readings
+@pytest.mark.parametrize("seed", range(3))
+def test_beam_many_of_one_reading_is_beam(seed):
+    lp = random_log_probs(np.random.default_rng(seed), T=6)
+    assert ctc.beam_many([lp], 8) == ctc.beam(lp, 8)
+    pattern = compile_pattern(r"\d{2,3}")
+    assert ctc.beam_many([lp], 8, pattern) == ctc.beam(lp, 8, pattern)
+
+
+def test_beam_many_answers_the_string_most_probable_over_every_reading():
+    # reading A: "12" barely ahead of "13"; reading B (another height of the same row): "13" far ahead
+    a, b = frames("1_2_"), frames("1__3_")
+    a[2] = np.log(np.r_[[0.05], [0.9 / 9] * 10])  # frame 2 of A: '2' 0.5, '3' 0.4, the rest 0.1 together
+    a[2, ALPHABET.index("2") + 1], a[2, ALPHABET.index("3") + 1] = np.log(0.5), np.log(0.4)
+    a[2] -= np.logaddexp.reduce(a[2])
+    assert ctc.beam(a).text == "12" and ctc.beam(b).text == "13"
+    out = ctc.beam_many([a, b], 8)
+    mean = (ctc.string_log_prob(a, "13") + ctc.string_log_prob(b, "13")) / 2
+    assert out.text == "13" and out.confidence == pytest.approx(math.exp(mean), rel=1e-9)
+    assert out.char_frames == tuple(ctc.align(a, "13"))  # the first reading places the characters
+    # the order decides only the frames, never the string
+    assert ctc.beam_many([b, a], 8).text == "13"
+    # with a pattern only the matching candidates compete
+    assert ctc.beam_many([a, b], 8, compile_pattern("12")).text == "12"
+    assert ctc.beam_many([a, b], 8, compile_pattern(r"\d{6}")).matched is False  # 6 digits need 11 frames
+
+
+def test_beam_many_keeps_to_the_first_reading_when_no_candidate_fits_them_all():
+    long_ = frames("1_1_1_1_")
+    long_[:, ALPHABET.index("7") + 1] = -np.inf  # "7" cannot be read here ...
+    long_ -= np.logaddexp.reduce(long_, axis=1, keepdims=True)
+    short = frames("7")  # ... nor can "1111" in one frame
+    out = ctc.beam_many([long_, short], 8)
+    assert out == ctc.beam(long_, 8) and out.text == "1111"
+
+
+def test_beam_many_refuses_a_bare_array_or_nothing():
+    with pytest.raises(ValueError, match="non-empty list"):
+        ctc.beam_many(frames("1"))
+    with pytest.raises(ValueError, match="non-empty list"):
+        ctc.beam_many([])

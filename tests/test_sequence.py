@@ -261,6 +261,45 @@ def _ink(img: np.ndarray, rdr: SequenceReader) -> np.ndarray:
     return ink_image(img.astype(np.float32) / 255, rdr.preprocess_cfg)[0]
 
 
+def test_the_reader_reads_unsure_rows_again_at_other_heights(row_reader_run):
+    import dataclasses
+
+    rdr = SequenceReader.open(row_reader_run)
+    ds = data.load_split(MNIST_DIR, "test")
+    img, _, _ = synth.strip([ds.images[i, 0].numpy() for i in range(5)], [int(v) for v in ds.labels[:5]], seed=3)
+    ink = _ink(img, rdr)
+    single = rdr.read(_png(img))
+
+    def read(fractions: list[float], below: float) -> tuple[list[int], object]:
+        rdr.inference = dataclasses.replace(rdr.inference, row_ink_fractions=fractions,
+                                            reread_below_row_confidence=below)  # fmt: skip
+        calls: list[int] = []
+        hook = rdr.model.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+        try:
+            return calls, rdr.read(_png(img))
+        finally:
+            hook.remove()
+
+    calls, sure = read([0.65, 0.75, 0.85], below=single.confidence)  # as sure as the threshold: read once
+    assert calls == [1] and sure.text == single.text and sure.confidence == single.confidence
+    calls, many = read([0.65, 0.75, 0.85], below=1.0)
+    assert calls == [1, 2]  # rows.ink_fraction (0.75) first, then the other two heights in one batch
+    (lps, geom), = rdr.readings([ink])
+    assert len(lps) == 3 and lps[1].shape[0] < lps[0].shape[0] < lps[2].shape[0]  # 0.75, 0.65, 0.85
+    assert np.array_equal(lps[0], rdr.log_probs([normalize_row(ink, rdr.rows_cfg)])[0])
+    mean = sum(ctc.string_log_prob(lp, many.text) for lp in lps) / 3
+    assert many.confidence == pytest.approx(np.exp(mean), rel=1e-5)
+    for lp in lps:  # no reading's own best string is more probable over all three
+        own = ctc.beam(lp).text
+        assert mean >= sum(ctc.string_log_prob(other, own) for other in lps) / 3 - 1e-9
+    assert len(many.digits) == len(many.text)
+    assert isinstance(rdr.readings([np.zeros((10, 10), np.float32)])[0], DataError)  # no ink: said, not raised
+    with pytest.raises(ConfigError, match="row_ink_fractions"):
+        config.from_dict({"inference": {"row_ink_fractions": [0.75, 2.0]}})
+    with pytest.raises(ConfigError, match="reread_below_row_confidence"):
+        config.from_dict({"inference": {"reread_below_row_confidence": 1.5}})
+
+
 def test_low_confidence_rows_are_rejected_with_the_threshold_in_the_reason(row_reader_run):
     import dataclasses
 

@@ -168,6 +168,10 @@ class TrainConfig:
             raise ConfigError("train.*_patience_epochs must be >= 0 (0 turns early stopping off)")
 
 
+MAX_ROW_READINGS = 9
+"""inference.row_ink_fractions holds at most this many heights (each one a forward pass per row)."""
+
+
 @dataclass
 class InferenceConfig:
     """How a trained model answers: honoured by `digitkit predict`, `read`, `evaluate` and the server."""
@@ -184,6 +188,14 @@ class InferenceConfig:
     reject_below_row_confidence: float = 0.0
     """Row reader (task: sequence): answer no text (reason low-confidence) when the probability of the string read
     (the sum over its CTC alignments) is below this. 0 never rejects."""
+    row_ink_fractions: list[float] = field(default_factory=list)
+    """Row reader: read each row at these ink heights (shares of rows.height, like rows.ink_fraction) in one batch
+    and answer the string most probable over all of them (realworld.ctc.beam_many); the boxes come from the
+    reading at rows.ink_fraction (listed or not). Empty: rows.ink_fraction alone. Costs a forward pass per
+    height; configs/read.yaml chooses five on validation."""
+    reread_below_row_confidence: float = 1.0
+    """Row reader: read a row at the other row_ink_fractions only when the string read at rows.ink_fraction is
+    less probable than this (a second batched pass for those rows alone); 1 reads every row at every height."""
     noise_defence_sigma: float = 0.0
     """Inference-time Gaussian-noise defence: average the softmax over noisy copies of the input (pixel std in
     [0, 1] units); 0 turns it off. Trades some clean accuracy for robustness to small adversarial perturbations;
@@ -205,6 +217,16 @@ class InferenceConfig:
         if not 0.0 <= self.reject_below_row_confidence < 1.0:
             raise ConfigError(f"inference.reject_below_row_confidence = {self.reject_below_row_confidence}: expected "
                               "a probability in [0, 1); 0 never rejects a row")  # fmt: skip
+        fractions = self.row_ink_fractions
+        if not isinstance(fractions, list) or not 0 <= len(fractions) <= MAX_ROW_READINGS or not all(
+                isinstance(f, int | float) and not isinstance(f, bool) and 0.3 <= f <= 1.0 for f in fractions):
+            raise ConfigError(f"inference.row_ink_fractions = {fractions!r}: expected a list of at most "
+                              f"{MAX_ROW_READINGS} shares in [0.3, 1] such as [0.64, 0.7, 0.75, 0.8, 0.86] ([] reads "
+                              "at rows.ink_fraction alone)")  # fmt: skip
+        self.row_ink_fractions = [float(f) for f in fractions]
+        if not 0.0 <= self.reread_below_row_confidence <= 1.0:
+            raise ConfigError(f"inference.reread_below_row_confidence = {self.reread_below_row_confidence}: expected "
+                              "a probability in [0, 1] (1 reads every row at every height of row_ink_fractions)")
         if not 0.0 <= self.noise_defence_sigma <= 1.0 or self.noise_defence_samples < 1:
             raise ConfigError(
                 "inference.noise_defence_sigma must be in [0, 1] (0 = off, 0.1-0.3 typical) and "

@@ -398,3 +398,41 @@ def beam(log_probs: torch.Tensor | np.ndarray, beam_width: int = 8, pattern: Pat
     frames = _viterbi(lp, labels)
     assert frames is not None  # the beam reached `best` along a path of non-zero probability
     return _decoded(lp, labels, frames)
+
+
+def beam_many(readings: Sequence[torch.Tensor | np.ndarray], beam_width: int = 8,
+              pattern: Pattern | None = None) -> Decoded:  # fmt: skip
+    """One row read several ways (the reader's `inference.row_ink_fractions`: the row at several ink heights), each
+    a (T_i, K) array: every reading's `beam` string is a candidate, and the one with the highest mean log P(text)
+    over all the readings wins (a product of experts: a string each reading finds likely). Its confidence is that
+    mean as a probability (the geometric mean of its probabilities); its frames and character confidences are the
+    first reading's (whose geometry places the boxes). One reading: exactly `beam`. When no candidate has a non-zero
+    probability under every reading (a reading too short for a long string), the first reading's `beam` answers."""
+    if isinstance(readings, np.ndarray | torch.Tensor) or not readings:
+        raise ValueError("beam_many: readings must be a non-empty list of (T, K) log-probability arrays, one per "
+                         f"reading of the row; got {type(readings).__name__}")  # fmt: skip
+    lps = [_checked_row(r, "beam_many") for r in readings]
+    first = beam(readings[0], beam_width, pattern)
+    if len(lps) == 1:
+        return first
+    texts = [first.text] if first.matched else []
+    for lp in lps[1:]:
+        d = beam(lp, beam_width, pattern)
+        if d.matched and d.text not in texts:
+            texts.append(d.text)
+    if not texts:
+        return first
+
+    def mean_log_prob(text: str) -> float:
+        labels = _labels(text, "beam_many")
+        return sum(_forward(lp, labels) for lp in lps) / len(lps)
+
+    # ties go to the shorter, then the smaller string, as in `beam`
+    score, best = max(((mean_log_prob(t), t) for t in texts), key=lambda s: (s[0], -len(s[1]), [-ord(c) for c in s[1]]))
+    if score == _NEG_INF:
+        return first
+    labels = _labels(best, "beam_many")
+    frames = _viterbi(lps[0], labels)
+    assert frames is not None  # finite under every reading, the first included
+    return Decoded(best, min(1.0, math.exp(score)), _char_confidences(lps[0], labels, frames),
+                   tuple((int(a), int(b)) for a, b in frames.tolist()))  # fmt: skip

@@ -4,7 +4,8 @@ The page takes the one preprocessing path (`preprocess.ink_image`), then its ink
 two marks belong to one field when they share a line (their vertical extents overlap by at least half the shorter
 one) and the gap between them is under `GAP_HEIGHTS` x the taller one's height: digits in a number sit closer than
 that, the next field on the line or the text beside it further. Every field is read by the row reader in one
-batch (rows.normalize_row, the sequence model, the CTC beam), so a page costs one forward pass.
+batch (rows.normalize_row, the sequence model, the CTC beam; SequenceReader.readings), so a page costs one forward
+pass, two when some fields are read again at other heights.
 
 Printed words around the handwriting (labels such as "Amount", "ZIP") are fields too; they read as digit strings
 of low probability, so they are rejected (`inference.reject_below_row_confidence`, and `MIN_FIELD_CONFIDENCE` at
@@ -25,7 +26,6 @@ from digitkit.errors import DataError
 from digitkit.preprocess import ink_image, load_image_info
 from digitkit.realworld.pattern import compile_pattern
 from digitkit.realworld.reader import BEAM_WIDTH, RowReading, SequenceReader, kept_ink
-from digitkit.rows import normalize_row_geometry
 
 GAP_HEIGHTS = 1.2
 """Marks further apart than this x the taller one's height start a new field."""
@@ -147,21 +147,19 @@ def read_page(reader: SequenceReader, source: Any, fields: dict[str, str] | None
     boxes, owner = field_boxes(mask)
     order = sorted(range(len(boxes)), key=lambda k: -(boxes[k][2] - boxes[k][0]) * (boxes[k][3] - boxes[k][1]))
     chosen = sorted(order[:MAX_FIELDS])
-    rows, geoms, masks, origins = [], [], [], []
+    crops, masks, origins = [], [], []
     for k in chosen:
         x0, y0, x1, y1 = boxes[k]
         own = owner[y0:y1, x0:x1] == k + 1
         # Only this field's marks (soft edges included): a neighbour's descender in the box is not read.
-        crop = kept_ink(ink[y0:y1, x0:x1], own)
-        try:
-            row, geom = normalize_row_geometry(crop, reader.rows_cfg)
-        except DataError:  # a field wider than a row can be (a rule across the page): not a digit field
-            continue
-        rows.append(row)
-        geoms.append(geom)
+        crops.append(kept_ink(ink[y0:y1, x0:x1], own))
         masks.append(own)
         origins.append((x0, y0))
-    lps = reader.log_probs(rows) if rows else []
+    read = reader.readings(crops)
+    # a field wider than a row can be (a rule across the page) is not a digit field
+    keep = [j for j, got in enumerate(read) if not isinstance(got, DataError)]
+    lps, geoms = [read[j][0] for j in keep], [read[j][1] for j in keep]
+    masks, origins = [masks[j] for j in keep], [origins[j] for j in keep]
 
     def decode(i: int, compiled: Any = None, pattern: str | None = None) -> RowReading:
         r = reader.decode(lps[i], geoms[i], masks[i], scale, {}, compiled, pattern, beam_width, fallback=False)
@@ -171,13 +169,13 @@ def read_page(reader: SequenceReader, source: Any, fields: dict[str, str] | None
                         d["box"][2] + round(dx * scale), d["box"][3] + round(dy * scale)]  # fmt: skip
         return r
 
-    readings = [decode(i) for i in range(len(rows))]
+    readings = [decode(i) for i in range(len(keep))]
     page = PageReading(record=record)
     names: dict[int, tuple[str, RowReading]] = {}
     if named:
         candidates = []
         for name, pattern in compiled.items():
-            for i in range(len(rows)):
+            for i in range(len(keep)):
                 r = decode(i, pattern, named[name])
                 if r.pattern_ok:  # a match of low confidence is still the field, answered with its reason
                     candidates.append((r.confidence, name, i, r))

@@ -18,6 +18,7 @@ A reading's `rejected` is None or one of ROW_REASONS:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from digitkit.models.crnn import FRAME_PX
 from digitkit.preprocess import PreprocessConfig, ink_candidates, load_image_info
 from digitkit.realworld import ctc
 from digitkit.realworld.pattern import Pattern, compile_pattern
-from digitkit.rows import RowGeometry, RowsConfig, normalize_row_geometry, stack_rows
+from digitkit.rows import RowGeometry, RowsConfig, normalize_row, normalize_row_geometry, stack_rows
 
 ROW_REASONS = ("unreadable", "empty", "no-ink", "too-wide", "no-match", "low-confidence")
 BEAM_WIDTH = 8
@@ -126,12 +127,13 @@ class SequenceReader:
 
     def read_many(self, sources: list[Any], pattern: str | None = None,
                   beam_width: int = BEAM_WIDTH) -> list[RowReading]:  # fmt: skip
-        """Many rows at once (one batched forward pass per CHUNK rows). Where preprocessing is unsure how to read
+        """Many rows at once (one batched forward pass per CHUNK rows, and one more for the rows read again at other
+        heights: `readings`). Where preprocessing is unsure how to read
         an image (preprocess.ink_candidates: lighting or solid ink, polarity), each reading is read and the more
         probable string wins; its record says so."""
         compiled = compile_pattern(pattern) if pattern is not None else None
         readings: list[RowReading | None] = [None] * len(sources)
-        prepared: list[tuple[int, np.ndarray, RowGeometry, np.ndarray, float, dict]] = []
+        prepared: list[tuple[int, np.ndarray | None, np.ndarray, float, dict]] = []
         for i, src in enumerate(sources):
             try:
                 gray, info = load_image_info(src, self.preprocess_cfg.max_side)
@@ -142,43 +144,74 @@ class SequenceReader:
             candidates = ink_candidates(gray, self.preprocess_cfg)
             names = [c[0] for c in candidates]
             for name, ink, mask, record in candidates:
-                if record.get("rejected"):
-                    if readings[i] is None:
-                        readings[i] = RowReading("", 0.0, rejected=record["rejected"], pattern=pattern,
-                                                 record=record)  # fmt: skip
-                    continue
-                try:
-                    row, geom = normalize_row_geometry(kept_ink(ink, mask), self.rows_cfg)
-                except DataError as e:
-                    if readings[i] is None:
-                        readings[i] = RowReading("", 0.0, rejected="too-wide" if "wide" in str(e) else "no-ink",
-                                                 why=str(e), pattern=pattern, record=record)  # fmt: skip
-                    continue
-                if len(names) > 1:
+                if len(names) > 1 and not record.get("rejected"):
                     record = {**record, "reading": name, "candidates": names}
-                prepared.append((i, row, geom, mask, scale, record))
-        if prepared:
-            lps = self.log_probs([p[1] for p in prepared])
-            best: dict[int, RowReading] = {}
-            for (i, _, geom, mask, scale, record), lp in zip(prepared, lps, strict=True):
-                r = self.decode(lp, geom, mask, scale, record, compiled, pattern, beam_width)
-                if i not in best or _rank(r) > _rank(best[i]):
-                    best[i] = r
-            for i, r in best.items():
-                readings[i] = r
+                prepared.append((i, None if record.get("rejected") else kept_ink(ink, mask), mask, scale, record))
+        read = iter(self.readings([p[1] for p in prepared if p[1] is not None]))
+        best: dict[int, RowReading] = {}
+        for i, ink, mask, scale, record in prepared:  # without a reading, the first candidate's reason answers
+            if ink is None:
+                if readings[i] is None:
+                    readings[i] = RowReading("", 0.0, rejected=record["rejected"], pattern=pattern, record=record)
+                continue
+            got = next(read)
+            if isinstance(got, DataError):
+                if readings[i] is None:
+                    readings[i] = RowReading("", 0.0, rejected="too-wide" if "wide" in str(got) else "no-ink",
+                                             why=str(got), pattern=pattern, record=record)  # fmt: skip
+                continue
+            lps, geom = got
+            r = self.decode(lps, geom, mask, scale, record, compiled, pattern, beam_width)
+            if i not in best or _rank(r) > _rank(best[i]):
+                best[i] = r
+        for i, r in best.items():
+            readings[i] = r
         return readings  # type: ignore[return-value]
 
-    def decode(self, lp: np.ndarray, geom: RowGeometry, mask: np.ndarray, scale: float, record: dict,
-               compiled: Pattern | None = None, pattern: str | None = None, beam_width: int = BEAM_WIDTH,
-               fallback: bool = True) -> RowReading:  # fmt: skip
-        """One row's frame log-probabilities `lp` -> RowReading, its digits boxed in the input's pixels (`geom`
-        and `mask`: normalize_row_geometry's and the ink mask the row was cut from; `scale` input px per mask px).
-        Without a match for `compiled`, the reading without it is given (unless not `fallback`)."""
-        decoded = ctc.beam(lp, beam_width, compiled)
+    def readings(self, inks: list[np.ndarray]) -> list[tuple[list[np.ndarray], RowGeometry] | DataError]:
+        """Each row's ink -> its frame log-probabilities at every height it is read at, and the RowGeometry of the
+        first (rows.ink_fraction, which places the boxes); a DataError (no ink, too wide) for a row that cannot be
+        read. The other heights of inference.row_ink_fractions are read only for rows whose string at the first is
+        less probable than inference.reread_below_row_confidence: two batched passes at most."""
+        inf = self.inference
+        out: list[Any] = [None] * len(inks)
+        first: list[tuple[int, np.ndarray]] = []
+        for k, ink in enumerate(inks):
+            try:
+                row, geom = normalize_row_geometry(ink, self.rows_cfg)
+            except DataError as e:
+                out[k] = e
+                continue
+            out[k] = ([], geom)
+            first.append((k, row))
+        again: list[tuple[int, np.ndarray]] = []
+        heights = [f for f in inf.row_ink_fractions if f != self.rows_cfg.ink_fraction]
+        for (k, _), lp in zip(first, self.log_probs([row for _, row in first]), strict=True):
+            out[k][0].append(lp)
+            if heights and ctc.beam(lp, BEAM_WIDTH).confidence < inf.reread_below_row_confidence:
+                for f in heights:
+                    try:
+                        again.append((k, normalize_row(inks[k], dataclasses.replace(self.rows_cfg, ink_fraction=f))))
+                    except DataError:  # too wide at this height: read at the others
+                        continue
+        for (k, _), lp in zip(again, self.log_probs([row for _, row in again]), strict=True):
+            out[k][0].append(lp)
+        return out
+
+    def decode(self, lps: np.ndarray | list[np.ndarray], geom: RowGeometry, mask: np.ndarray, scale: float,
+               record: dict, compiled: Pattern | None = None, pattern: str | None = None,
+               beam_width: int = BEAM_WIDTH, fallback: bool = True) -> RowReading:  # fmt: skip
+        """One row's frame log-probabilities -> RowReading, its digits boxed in the input's pixels (`geom` and
+        `mask`: normalize_row_geometry's and the ink mask the row was cut from; `scale` input px per mask px).
+        `lps` is one (T, K) array, or one per height the row was read at (`readings`, the first height first: the
+        string most probable over all of them wins, ctc.beam_many). Without a match for `compiled`, the reading
+        without it is given (unless not `fallback`)."""
+        lps = [lps] if isinstance(lps, np.ndarray) else list(lps)
+        decoded = ctc.beam_many(lps, beam_width, compiled)
         matched = decoded.matched
         rejected = why = None
         if not matched:
-            decoded = ctc.beam(lp, beam_width) if fallback else decoded
+            decoded = ctc.beam_many(lps, beam_width) if fallback else decoded
             rejected, why = "no-match", f"no reading of the row matches the pattern {pattern!r}"
         elif decoded.confidence < self.inference.reject_below_row_confidence:
             rejected = "low-confidence"
