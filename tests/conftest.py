@@ -134,3 +134,16 @@ def postgres_url():
         yield env["DIGITKIT_TEST_POSTGRES_URL"]
     finally:
         subprocess.run(["bash", str(script), "stop", env["DIGITKIT_PG_DIR"]], capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def promtool() -> str:
+    """Prometheus's promtool (Debian's `prometheus` package, which .ci/run installs): it lints /metrics and checks
+    deploy/prometheus/alerts.yml. Missing: skipped, or failed under DIGITKIT_CI=1."""
+    path = shutil.which("promtool")
+    if path is None:
+        reason = "promtool is missing (apt-get install --no-install-recommends prometheus): Prometheus checks need it"
+        if os.environ.get("DIGITKIT_CI") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return path

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -20,18 +19,6 @@ from .conftest import ROOT
 
 PROMTOOL_TIMEOUT_S = 30
 UNIT_SUFFIXES = ("_ms", "_milliseconds", "_us", "_microseconds", "_kb", "_mb", "_percent")
-
-
-@pytest.fixture(scope="module")
-def promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        reason = ("promtool is missing (apt-get install --no-install-recommends prometheus); it lints the /metrics "
-                  "names")  # fmt: skip
-        if os.environ.get("DIGITKIT_CI") == "1":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    return path
 
 
 def check(promtool: str, text: str) -> subprocess.CompletedProcess:
@@ -73,7 +60,8 @@ def test_a_real_servers_metrics_pass_promtool(promtool, scraped):
     # What was observed is there, under base-unit names.
     for name in ("digitkit_requests_total", "digitkit_request_latency_seconds", "digitkit_predictions_total",
                  "digitkit_rejections_total", "digitkit_feedback_total", "digitkit_live_accuracy",
-                 "digitkit_window_median_latency_seconds", "digitkit_client_disconnects_total"):  # fmt: skip
+                 "digitkit_window_median_latency_seconds", "digitkit_client_disconnects_total",
+                 "digitkit_alert_firing", "digitkit_alert_threshold", "digitkit_alert_samples"):  # fmt: skip
         assert name in found, f"{name} not in /metrics"
     assert found["digitkit_client_disconnects_total"] == "counter"
     assert not [n for n in found if n.endswith(UNIT_SUFFIXES) or "_ms_" in n], found
@@ -81,6 +69,8 @@ def test_a_real_servers_metrics_pass_promtool(promtool, scraped):
     assert 0 < median < 1, f"the median latency should be in seconds, got {median}"
     assert re.search(r'^digitkit_requests_total\{route="/v1/predict",status="400"\} 1\.0$', scraped, re.M)
     assert re.search(r"^digitkit_drift_baseline_measured 1\.0$", scraped, re.M)
+    for alert in ("accuracy_drop", "latency", "class_error"):  # digitkit.serve.alerts: one series per alert
+        assert re.search(rf'^digitkit_alert_firing\{{alert="{alert}"\}} 0\.0$', scraped, re.M), alert
 
 
 def test_promtool_does_catch_a_bad_name(promtool):
@@ -106,7 +96,9 @@ MULTIPROCESS = textwrap.dedent("""
     m.set_live(digitkit_live_accuracy=1.0, digitkit_labelled_predictions=1, digitkit_window_mean_confidence=0.97,
                digitkit_window_rejection_rate=0.5, digitkit_window_median_latency_seconds=0.004,
                digitkit_model_loaded=1, digitkit_drift_baseline_measured=0,
-               drift_alert={"class_shift": False}, drift_value={"class_shift": 0.1}, model_version="m-0123")
+               drift_alert={"class_shift": False}, drift_value={"class_shift": 0.1}, model_version="m-0123",
+               alerts={"latency": {"firing": True, "value": 2.5, "threshold": 2.0, "count": 60}},
+               alert_webhook={"delivered": 1, "failed": 0, "dropped": 0, "retried": 0})
     sys.stdout.write(m.render().decode())
 """)
 
@@ -117,6 +109,8 @@ def test_the_multiprocess_form_passes_promtool_too(promtool, tmp_path, scraped):
     done = subprocess.run([sys.executable, "-c", MULTIPROCESS], capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "digitkit_client_disconnects_total" in done.stdout
+    assert 'digitkit_alert_firing{alert="latency"} 1.0' in done.stdout
+    assert 'digitkit_alert_webhooks_total{outcome="delivered"} 1.0' in done.stdout
     lint = check(promtool, done.stdout)
     assert lint.returncode == 0, lint.stdout + lint.stderr
     # The same families in both forms (apart from the per-process _created gauges of prometheus_client).

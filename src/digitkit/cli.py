@@ -768,6 +768,8 @@ def build_parser() -> argparse.ArgumentParser:
     cd.set_defaults(func=cmd_card)
     # --- tune parser (anchor: owned by the scale-out work)
     add_tune(sub)
+    # --- retrain parser (anchor: owned by the retrain work)
+    add_retrain(sub)
     # --- menu and completion parser (anchor: owned by the menu work)
     add_menu_and_completion(sub)
     add_examples(p)
@@ -1704,6 +1706,84 @@ def _quiet_optuna() -> None:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
+
+# --- retrain (anchor: owned by the retrain work)
+RETRAIN_EPILOG = (
+    "Labelled feedback the base has not trained on is split, seeded and stratified, into a training part (added to\n"
+    "the base's training portion only) and a held-out part. The candidate is measured beside the base on the base's\n"
+    "validation split and on the held-out feedback; it is promoted only if it is not worse by more than\n"
+    "--val-tolerance points (default 0.1) on validation and --feedback-tolerance points (default 0) on the\n"
+    "feedback. The test set plays no part in the decision. Exit status: 0 promoted, 1 refused, 2 an error.\n"
+    "See docs/retrain.md.\n\n"
+    "examples:\n"
+    "  digitkit retrain --from-audit serve/audit.db --base models/current --out runs/retrain-1\n"
+    "  digitkit retrain --from-audit serve/audit.db --base models/current --out runs/retrain-2 "
+    "--promote-to models/current --reload http://127.0.0.1:8000 --admin-token-file admin.token\n"
+    "  digitkit retrain --from-audit serve/audit.db --base runs/latest --out runs/retrain-3 --set train.epochs=3 "
+    "--holdout 0.4 --json"
+)
+
+
+def add_retrain(sub: Any) -> None:
+    rt = sub.add_parser("retrain", help="train on the serving feedback, compare with the served model, promote if "
+                        "not worse", description="Close the feedback loop: export the labelled feedback of the "
+                        "audit log, train a candidate with the base run's recipe plus that feedback, compare the two "
+                        "on the base's validation split and on held-out feedback, and promote the candidate (a link "
+                        "the server serves, then an admin reload) only when it is not worse.",
+                        epilog=RETRAIN_EPILOG)  # fmt: skip
+    rt.add_argument("--from-audit", required=True, metavar="DB", help="audit database (SQLite file or URL) the "
+                    "server writes, with labels from POST /v1/feedback")  # fmt: skip
+    rt.add_argument("--base", required=True, metavar="RUN", help="the served run folder or checkpoint (or the link "
+                    "the server serves); its stored config is the candidate's recipe")  # fmt: skip
+    rt.add_argument("--out", required=True, metavar="DIR", help="new folder for the candidate run, its feedback "
+                    "sets and retrain.json")  # fmt: skip
+    rt.add_argument("--holdout", type=float, default=0.3, metavar="FRACTION",
+                    help="share of each label of the new feedback held out for the comparison (default 0.3)")
+    rt.add_argument("--seed", type=int, default=0, help="seed of the feedback split (default 0)")
+    rt.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key of the base's config, e.g. "
+                    "train.epochs=3 (not data.dir, data.val_fraction, data.split_seed or seed: they move the "
+                    "validation split)")  # fmt: skip
+    rt.add_argument("--val-tolerance", type=float, default=0.1, metavar="POINTS",
+                    help="validation accuracy the candidate may lose, in points (default 0.1)")
+    rt.add_argument("--feedback-tolerance", type=float, default=0.0, metavar="POINTS",
+                    help="held-out feedback accuracy the candidate may lose, in points (default 0)")
+    rt.add_argument("--min-holdout", type=_positive, default=10, metavar="N",
+                    help="fewest held-out feedback images to decide on (default 10)")
+    rt.add_argument("--min-train", type=_positive, default=10, metavar="N",
+                    help="fewest new feedback images to train on (default 10)")
+    rt.add_argument("--promote-to", metavar="PATH", help="when promoted, point this symbolic link at the candidate "
+                    "(atomically); serve it with `digitkit serve --model PATH`")  # fmt: skip
+    rt.add_argument("--reload", metavar="URL", help="when promoted, ask the server at URL to load the candidate "
+                    "(POST /v1/admin/reload), e.g. http://127.0.0.1:8000")  # fmt: skip
+    rt.add_argument("--admin-token-file", metavar="FILE", help="file holding the server's admin token for --reload "
+                    "(default: $DIGITKIT_ADMIN_TOKEN)")  # fmt: skip
+    rt.add_argument("--quiet", action="store_true", help="no progress bar or epoch lines")
+    rt.add_argument("--progress", action="store_true", help="show the progress bar even when not on a terminal")
+    rt.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    rt.set_defaults(func=cmd_retrain)
+
+
+def cmd_retrain(args: argparse.Namespace) -> int:
+    from digitkit import retrain
+    from digitkit.train import SilentReporter
+
+    if args.admin_token_file and not args.reload:
+        raise ConfigError("--admin-token-file is for --reload URL; add --reload or drop it")
+    token = retrain.read_admin_token(args.admin_token_file) if args.reload else None
+    reporter = SilentReporter() if args.quiet or args.json else ConsoleReporter(bar=sys.stderr.isatty() or
+                                                                                 args.progress)  # fmt: skip
+    try:
+        report = retrain.retrain(
+            args.from_audit, args.base, args.out, holdout=args.holdout, overrides=args.set, seed=args.seed,
+            val_tolerance=args.val_tolerance, feedback_tolerance=args.feedback_tolerance,
+            min_holdout=args.min_holdout, min_train=args.min_train, promote_to=args.promote_to,
+            reload_url=args.reload, admin_token=token, reporter=reporter,
+        )  # fmt: skip
+    finally:
+        if isinstance(reporter, ConsoleReporter):
+            reporter.close()
+    print(json.dumps(report.to_json()) if args.json else retrain.report_text(report))
+    return 0 if report.promoted else 1
 
 # --- menu and completion (anchor: owned by the menu work)
 # Every command's --help ends with "examples:" (a test parses each line with the real parser). A note comes

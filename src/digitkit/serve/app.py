@@ -9,7 +9,7 @@ Routes (all JSON unless said):
   POST /v1/read            a row of digits -> string (the row reader when one is configured, else the model's digits)
   POST /v1/explain         prediction + saliency / Grad-CAM overlays (base64 PNG)
   POST /v1/feedback        {request_id, true_label}
-  GET  /v1/model, /healthz, /readyz, /metrics (Prometheus text)
+  GET  /v1/model, /v1/alerts, /healthz, /readyz, /metrics (Prometheus text)
   POST /v1/admin/reload, GET /v1/admin/audit/export, GET /v1/admin/audit/stats   (admin token)
   GET  /                   the drawing page (assets under /static, no CDN)
   GET  /docs, /redoc        the API reference (Swagger UI, ReDoc), served from this server: no CDN
@@ -53,6 +53,7 @@ from starlette.requests import ClientDisconnect
 from digitkit import __version__
 from digitkit.errors import DataError, plain_message
 from digitkit.serve import protocol, schemas
+from digitkit.serve.alerts import Alerts, Reference, Webhook, card_accuracy
 from digitkit.serve.metrics import CONTENT_TYPE
 from digitkit.serve.service import Input, Service, ServiceError
 from digitkit.serve.settings import SETTINGS_ENV, LimitSettings, ServeSettings
@@ -318,6 +319,31 @@ async def _watch_loop_lag(state: Any, period_s: float = 0.02) -> None:
             service.metrics.loop_lag.observe(max(loop.time() - t0 - period_s, 0.0))
 
 
+def _alert_reference(loaded: Any, settings: ServeSettings) -> Reference:
+    return card_accuracy(loaded.model_dir, loaded.info.metrics, loaded.info.checkpoint_sha256,
+                         settings.alerts.reference_accuracy)  # fmt: skip
+
+
+def _start_alerts(service: Service, settings: ServeSettings) -> tuple[Alerts, Webhook | None]:
+    """The alert windows of the model being served, and the webhook thread when alerts.webhook_url is set."""
+    cfg = settings.alerts
+    hook = Webhook(cfg.webhook_url, cfg, f"digitkit/{__version__}") if cfg.webhook_url else None
+    loaded = service.loaded
+    alerts = Alerts(cfg, _alert_reference(loaded, settings), loaded.baseline.latency_ms, loaded.info.classes,
+                    loaded.info.version, notify=hook.send if hook else None)  # fmt: skip
+    log.info("alerts: accuracy reference %s (%s), latency baseline %.2f ms, webhook %s", alerts.reference.accuracy,
+             alerts.reference.source, loaded.baseline.latency_ms or 0.0, hook.where if hook else "off")  # fmt: skip
+    return alerts, hook
+
+
+def _feed(fn: Callable[..., None], *args: Any) -> None:
+    """Feed the alerts without ever failing the request that brought the data."""
+    try:
+        fn(*args)
+    except Exception:  # noqa: BLE001 - monitoring must not turn an answer into a 500
+        log.exception("alerts: could not record an observation")
+
+
 def error_response(status: int, error: str, detail: Any, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": error, "detail": detail}, status_code=status, headers=headers)
 
@@ -331,6 +357,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
     async def lifespan(app: FastAPI) -> Any:
         loop = asyncio.get_running_loop()
         app.state.service = await loop.run_in_executor(worker.pool, Service, settings)
+        app.state.alerts, app.state.webhook = _start_alerts(app.state.service, settings)
         log.info("serving %s on %d torch thread(s), %d work thread(s)", app.state.service.info.version,
                  settings.threads, limits.worker_threads)  # fmt: skip
         # Everything loaded so far (torch, the model, numpy) lives as long as the process: moved out of the garbage
@@ -343,6 +370,8 @@ def create_app(settings: ServeSettings) -> FastAPI:
         finally:
             gc.unfreeze()  # an app in a longer-lived process (tests, an embedding program) gives its objects back
             lag.cancel()
+            if app.state.webhook is not None:
+                app.state.webhook.close()
             service, app.state.service = app.state.service, None
             service.close()
             worker.close()
@@ -350,6 +379,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
     app = FastAPI(title="digitkit", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Handwritten-digit recognition: predict, read, explain, feedback.")  # fmt: skip
     app.state.service = None
+    app.state.alerts, app.state.webhook = None, None
     app.state.max_connections = protocol.configure(limits.max_connections, limits.max_connections_per_client,
                                                    limits.header_timeout_s, limits.backlog,
                                                    lambda reason: _count_refused(app.state, reason))  # fmt: skip
@@ -377,6 +407,15 @@ def create_app(settings: ServeSettings) -> FastAPI:
                                "(or --admin-token-file) to use admin routes")  # fmt: skip
         _check_secret(request, settings.admin_token, "admin token", "X-Admin-Token")
 
+    def observe_answers(results: list[dict[str, Any]]) -> None:
+        """Each computed answer's latency to the alerts (cache hits and unreadable inputs say nothing of the model)."""
+        alerts = app.state.alerts
+        if alerts is None:
+            return
+        for out in results:  # at most limits.max_batch
+            if not out.get("cached") and out.get("rejected") != "unreadable" and out.get("latency_ms") is not None:
+                _feed(alerts.observe_latency, out["latency_ms"])
+
     async def work(fn: Callable[..., T], *args: Any, quick: bool = False) -> T:
         return await worker.run(limits.request_timeout_s, fn, *args, quick=quick)
 
@@ -402,7 +441,10 @@ def create_app(settings: ServeSettings) -> FastAPI:
 
         def run(body: Any, inputs: list[Input]) -> Any:
             route = "preview" if body.preview else "predict"
-            return service().predict(inputs, route, client, body.top_k, body.return_input, strict=True)[0]
+            out = service().predict(inputs, route, client, body.top_k, body.return_input, strict=True)[0]
+            if route != "preview":  # as the drift window: a preview of a half-drawn digit is not traffic
+                observe_answers([out])
+            return out
 
         return await answer(request, schemas.PredictIn, True, run)
 
@@ -416,6 +458,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
         def run(body: Any, inputs: list[Input]) -> Any:
             t0 = time.perf_counter()
             results = service().predict(inputs, "batch", client, body.top_k, body.return_input)
+            observe_answers(results)
             return {"results": results, "count": len(results),
                     "latency_ms": round((time.perf_counter() - t0) * 1000, 3)}  # fmt: skip
 
@@ -443,7 +486,14 @@ def create_app(settings: ServeSettings) -> FastAPI:
     async def feedback(body: schemas.FeedbackIn) -> Response:
         """Tell the server the true label of an earlier prediction; feeds live accuracy and retraining data."""
         svc = service()
-        return JSONResponse(await work(svc.feedback, body.request_id, body.true_label, quick=True))
+
+        def job() -> dict[str, Any]:
+            out = svc.feedback(body.request_id, body.true_label)
+            if app.state.alerts is not None:
+                _feed(app.state.alerts.observe_feedback, out["predicted"], out["true_label"], out["request_id"])
+            return out
+
+        return JSONResponse(await work(job, quick=True))
 
     # ----------------------------------------------------------------------------------- information
     @app.get("/v1/model", response_model=schemas.ModelOut, responses=ERRORS, tags=["info"])
@@ -453,7 +503,16 @@ def create_app(settings: ServeSettings) -> FastAPI:
         out = {k: v for k, v in loaded.info.__dict__.items() if k != "config"}
         out["drift_baseline"] = {**loaded.baseline.to_json(), "latency_ms": loaded.baseline.latency_ms}
         out["reader"] = loaded.reader_info.to_json()
+        out["alerts"] = app.state.alerts.summary() if app.state.alerts is not None else None
         return JSONResponse(out)
+
+    @app.get("/v1/alerts", response_model=schemas.AlertsOut, responses=ERRORS, tags=["info"])
+    async def alerts() -> Response:
+        """Each alert's state (firing, value, threshold, the count it rests on, since when) and the webhook's counts."""
+        service()  # not ready: 503
+        state, hook = app.state.alerts.snapshot(), app.state.webhook
+        state["webhook"] = {**hook.outcomes, "pending": hook.pending(), "url": hook.where} if hook else None
+        return JSONResponse(state)
 
     @app.get("/healthz", tags=["info"])
     async def healthz() -> dict[str, str]:
@@ -473,6 +532,10 @@ def create_app(settings: ServeSettings) -> FastAPI:
 
         def render() -> bytes:
             svc.refresh_live_metrics()
+            if app.state.alerts is not None:
+                hook = app.state.webhook
+                svc.metrics.set_live(alerts=app.state.alerts.snapshot()["alerts"],
+                                     alert_webhook=dict(hook.outcomes) if hook else None)  # fmt: skip
             return svc.metrics.render()
 
         return Response(await work(render), media_type=CONTENT_TYPE)
@@ -487,6 +550,9 @@ def create_app(settings: ServeSettings) -> FastAPI:
         # reader (settings.reader) is loaded again with it, from the same path.
         loaded = await asyncio.get_running_loop().run_in_executor(worker.pool, svc.reload_loaded,
                                                                   body.model if body else None)  # fmt: skip
+        if app.state.alerts is not None:  # the new model's reference accuracy; the windows start again
+            app.state.alerts.reset(_alert_reference(loaded, settings), loaded.baseline.latency_ms,
+                                   loaded.info.classes, loaded.info.version)  # fmt: skip
         return JSONResponse({**{k: v for k, v in loaded.info.__dict__.items() if k != "config"},
                              "reader": loaded.reader_info.to_json()})  # fmt: skip
 

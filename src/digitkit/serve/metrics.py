@@ -11,7 +11,7 @@ import os
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LOOP_LAG_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0)
@@ -105,7 +105,34 @@ class _LiveCollector:
                 value.add_metric([signal], float(live["drift_value"][signal]))
             yield alert
             yield value
+        if "alerts" in live:
+            yield from _alert_families(live["alerts"], live.get("alert_webhook"))
         if "model_version" in live:
             info = GaugeMetricFamily("digitkit_model_info", "The model being served", labels=["version"])
             info.add_metric([live["model_version"]], 1.0)
             yield info
+
+
+def _alert_families(alerts: dict[str, dict[str, Any]], webhook: dict[str, int] | None) -> Any:
+    """digitkit.serve.alerts' states: one series per alert (a fixed set of names, never client data)."""
+    firing = GaugeMetricFamily("digitkit_alert_firing", "1 while an alert condition holds (digitkit.serve.alerts; "
+                               "also at /v1/alerts)", labels=["alert"])  # fmt: skip
+    value = GaugeMetricFamily("digitkit_alert_value", "Current value of each alert condition: accuracy_drop in "
+                              "percentage points, latency as a ratio to the startup baseline, class_error as the "
+                              "worst class's error rate; absent while there are too few samples", labels=["alert"])
+    threshold = GaugeMetricFamily("digitkit_alert_threshold", "The value above which each alert fires",
+                                  labels=["alert"])  # fmt: skip
+    samples = GaugeMetricFamily("digitkit_alert_samples", "Samples the value of each alert rests on (labels, "
+                                "latencies, or the worst class's labels)", labels=["alert"])  # fmt: skip
+    for name, state in alerts.items():
+        firing.add_metric([name], 1.0 if state["firing"] else 0.0)
+        threshold.add_metric([name], float(state["threshold"]))
+        samples.add_metric([name], float(state["count"]))
+        if state["value"] is not None:
+            value.add_metric([name], float(state["value"]))
+    sent = CounterMetricFamily("digitkit_alert_webhooks", "Alert webhook messages by outcome (delivered, failed "
+                               "after every attempt, dropped from a full queue) and retried attempts; no samples "
+                               "without alerts.webhook_url", labels=["outcome"])  # fmt: skip
+    for outcome, count in (webhook or {}).items():
+        sent.add_metric([outcome], float(count))
+    yield from (firing, value, threshold, samples, sent)

@@ -152,6 +152,35 @@ class ModelOut(BaseModel):
     contract: dict[str, Any]
     drift_baseline: dict[str, Any]
     reader: ReaderOut = Field(..., description="what answers /v1/read")
+    alerts: dict[str, Any] | None = Field(None, description="the alerts firing now and the reference accuracy; "
+                                          "details at /v1/alerts")
+
+
+class AlertStateOut(BaseModel):
+    name: str
+    firing: bool
+    value: float | None = Field(..., description="accuracy_drop: percentage points below the reference; latency: "
+                                "ratio to the startup baseline; class_error: the worst class's error rate; null "
+                                "while there are too few samples")
+    threshold: float = Field(..., description="fires above this value")
+    count: int = Field(..., description="the samples the value rests on")
+    minimum: int = Field(..., description="samples needed before a verdict")
+    since: float = Field(..., description="when the alert last changed state (epoch seconds)")
+    detail: dict[str, Any]
+
+
+class AlertsOut(BaseModel):
+    alerts: dict[str, AlertStateOut]
+    firing: list[str]
+    reference_accuracy: float | None
+    reference_source: str
+    baseline_latency_ms: float | None
+    window: int
+    labels_in_window: int
+    latencies_in_window: int
+    model_version: str
+    webhook: dict[str, Any] | None = Field(None, description="null without alerts.webhook_url; else its outcome "
+                                           "counts and the messages waiting")
 
 
 class ErrorOut(BaseModel):

@@ -111,6 +111,108 @@ class DriftSettings:
             raise ConfigError(f"drift.latency_ratio = {self.latency_ratio}: expected a ratio > 1")
 
 
+MAX_WEBHOOK_URL = 2048
+ALERT_WEBHOOK_ENV = "DIGITKIT_ALERT_WEBHOOK_URL"
+"""A webhook URL often carries a token (Slack, Teams, PagerDuty): it may come from this variable instead of the file."""
+
+
+@dataclass
+class AlertSettings:
+    """Alerts that act (see digitkit.serve.alerts): conditions judged over sliding windows, exported as gauges, shown
+    at /v1/alerts and posted to `webhook_url` when they start or stop firing."""
+
+    window: int = 1000
+    """The last this many labels (from /v1/feedback) and the last this many model latencies are judged."""
+    accuracy_drop_points: float = 0.5
+    """accuracy_drop fires when the window's accuracy on labelled answers is more than this many percentage points
+    below the reference (the model card's test accuracy)."""
+    min_feedback: int = 200
+    """accuracy_drop gives no verdict on fewer labels than this in the window. Half a point is a small step: the
+    standard error of an accuracy near 99% is 0.7 points on 200 labels and 0.3 on 1000."""
+    reference_accuracy: float | None = None
+    """The accuracy to compare with, in [0, 1]; null: the model card's figure (eval/test/metrics.json, else the test
+    accuracy in summary.json, else the validation accuracy)."""
+    latency_ratio: float = 2.0
+    """latency fires when the window's median model latency exceeds this many times the startup baseline."""
+    min_latency_samples: int = 50
+    """latency gives no verdict on fewer latencies than this in the window (cache hits are left out)."""
+    class_error: float = 0.10
+    """class_error fires when the error rate on labelled answers of one true class exceeds this share."""
+    min_class_feedback: int = 20
+    """A class is judged only with at least this many labels of it in the window."""
+    webhook_url: str | None = field(default=None, repr=False)
+    """POST a JSON message here when an alert starts or stops firing (http:// or https://); null: no webhook. Also
+    from the environment variable DIGITKIT_ALERT_WEBHOOK_URL, for URLs that carry a token."""
+    webhook_timeout_s: float = 5.0
+    """Seconds one delivery attempt may take (connect, send, answer)."""
+    webhook_tries: int = 3
+    """Attempts per message (a 2xx answer ends them; a 4xx other than 408 and 429 is not retried)."""
+    webhook_backoff_s: float = 1.0
+    """Wait before the second attempt; doubled before each further one."""
+    webhook_queue: int = 100
+    """Messages waiting for delivery; when full the oldest is dropped (and counted)."""
+
+    def __post_init__(self) -> None:
+        def number(value: Any) -> bool:
+            return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+        for name, example in (("window", 1000), ("min_feedback", 200), ("min_latency_samples", 50),
+                              ("min_class_feedback", 20), ("webhook_tries", 3), ("webhook_queue", 100)):  # fmt: skip
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1_000_000:
+                raise ConfigError(f"alerts.{name} = {value!r}: expected a whole number from 1 to 1,000,000 "
+                                  f"(e.g. {example})")  # fmt: skip
+        for name in ("min_feedback", "min_latency_samples", "min_class_feedback"):
+            if getattr(self, name) > self.window:
+                raise ConfigError(f"alerts.{name} = {getattr(self, name)} exceeds alerts.window = {self.window}: the "
+                                  "alert could never fire; lower it or raise the window")  # fmt: skip
+        if self.webhook_tries > 10:
+            raise ConfigError(f"alerts.webhook_tries = {self.webhook_tries}: expected at most 10 attempts (e.g. 3)")
+        points = self.accuracy_drop_points
+        if not (number(points) and 0 <= points < 100):
+            raise ConfigError(f"alerts.accuracy_drop_points = {points!r}: expected percentage points from 0 to under "
+                              "100 (e.g. 0.5: alert when accuracy falls from 99.0% to below 98.5%)")  # fmt: skip
+        ref = self.reference_accuracy
+        if ref is not None and not (number(ref) and 0 < ref <= 1):
+            raise ConfigError(f"alerts.reference_accuracy = {ref!r}: expected a share in (0, 1] (e.g. 0.99), or null "
+                              "for the model card's figure")  # fmt: skip
+        if not (number(self.latency_ratio) and 1 < self.latency_ratio <= 1000):
+            raise ConfigError(f"alerts.latency_ratio = {self.latency_ratio!r}: expected a ratio above 1 (e.g. 2: alert "
+                              "when the median latency doubles)")  # fmt: skip
+        if not (number(self.class_error) and 0 <= self.class_error < 1):
+            raise ConfigError(f"alerts.class_error = {self.class_error!r}: expected a share from 0 to under 1 (e.g. "
+                              "0.1 for 10%)")  # fmt: skip
+        for name, top in (("webhook_timeout_s", 300), ("webhook_backoff_s", 600)):
+            value = getattr(self, name)
+            if not (number(value) and 0 < value <= top):
+                raise ConfigError(f"alerts.{name} = {value!r}: expected seconds, more than 0 and at most {top}")
+        if self.webhook_url is not None:
+            check_webhook_url(self.webhook_url)
+
+
+def check_webhook_url(url: Any) -> None:
+    """A ConfigError unless `url` is an absolute http(s) URL with a host (the URL itself is not repeated: it may hold
+    a token)."""
+    from urllib.parse import urlsplit
+
+    what = "alerts.webhook_url (or DIGITKIT_ALERT_WEBHOOK_URL)"
+    if not isinstance(url, str) or not url:
+        raise ConfigError(f"{what}: expected an http:// or https:// URL, got {type(url).__name__}")
+    if len(url) > MAX_WEBHOOK_URL or any(ord(c) <= 32 or ord(c) == 127 for c in url):
+        raise ConfigError(f"{what}: {len(url)} characters with spaces or control characters, or over "
+                          f"{MAX_WEBHOOK_URL}; expected a plain http:// or https:// URL")  # fmt: skip
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # a port that is not a number in 1-65535 raises here
+    except ValueError as e:
+        raise ConfigError(f"{what}: not a valid URL ({e}); expected e.g. https://alerts.example.com/hook") from None
+    if parts.scheme not in ("http", "https"):
+        raise ConfigError(f"{what}: the scheme is {parts.scheme or '(none)'!r}; expected http or https, e.g. "
+                          "https://alerts.example.com/hook")  # fmt: skip
+    if not parts.hostname:
+        raise ConfigError(f"{what}: no host; expected e.g. https://alerts.example.com/hook")
+
+
 MAX_PRUNE_EVERY_S = 7 * 86400
 
 
@@ -180,6 +282,8 @@ class ServeSettings:
     drift: DriftSettings = field(default_factory=DriftSettings)
     audit: AuditSettings = field(default_factory=AuditSettings)
     """Audit-log retention (max_age_days, max_rows, prune_every_s); the default keeps everything."""
+    alerts: AlertSettings = field(default_factory=AlertSettings)
+    """Alert conditions, their thresholds and the webhook (digitkit.serve.alerts)."""
     api_key: str | None = field(default=None, repr=False)
     """Required on prediction routes when set (header X-API-Key or Authorization: Bearer)."""
     admin_token: str | None = field(default=None, repr=False)
@@ -238,6 +342,11 @@ def load(path: str | Path | None, overrides: dict[str, Any], secrets_from: dict[
                 raise ConfigError(f"{path}: {secret} does not belong in a settings file; set DIGITKIT_"
                                   f"{secret.upper()} or pass --{secret.replace('_', '-')}-file")  # fmt: skip
     raw.update({k: v for k, v in overrides.items() if v is not None})
+    hook = os.environ.get(ALERT_WEBHOOK_ENV) or None
+    if hook is not None:
+        alerts = raw.setdefault("alerts", {})
+        if isinstance(alerts, dict):  # anything else is reported by the strict builder
+            alerts["webhook_url"] = hook
     for secret, file_name in secrets_from.items():
         value = os.environ.get(f"DIGITKIT_{secret.upper()}") or None
         if file_name:
