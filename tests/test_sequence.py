@@ -268,6 +268,8 @@ def test_the_reader_reads_unsure_rows_again_at_other_heights(row_reader_run):
     ds = data.load_split(MNIST_DIR, "test")
     img, _, _ = synth.strip([ds.images[i, 0].numpy() for i in range(5)], [int(v) for v in ds.labels[:5]], seed=3)
     ink = _ink(img, rdr)
+    assert rdr.inference.row_ink_fractions  # configs/read.yaml's, which the fixture trains from
+    rdr.inference = dataclasses.replace(rdr.inference, row_ink_fractions=[])
     single = rdr.read(_png(img))
 
     def read(fractions: list[float], below: float) -> tuple[list[int], object]:
@@ -280,8 +282,8 @@ def test_the_reader_reads_unsure_rows_again_at_other_heights(row_reader_run):
         finally:
             hook.remove()
 
-    calls, sure = read([0.65, 0.75, 0.85], below=single.confidence)  # as sure as the threshold: read once
-    assert calls == [1] and sure.text == single.text and sure.confidence == single.confidence
+    calls, never = read([0.65, 0.75, 0.85], below=0.0)  # no row is less sure than 0: one height, as without them
+    assert calls[:1] == [1] and never.text == single.text and never.confidence == single.confidence
     calls, many = read([0.65, 0.75, 0.85], below=1.0)
     assert calls == [1, 2]  # rows.ink_fraction (0.75) first, then the other two heights in one batch
     (lps, geom), = rdr.readings([ink])
@@ -293,6 +295,20 @@ def test_the_reader_reads_unsure_rows_again_at_other_heights(row_reader_run):
         own = ctc.beam(lp).text
         assert mean >= sum(ctc.string_log_prob(other, own) for other in lps) / 3 - 1e-9
     assert len(many.digits) == len(many.text)
+    # only the rows less sure than the threshold are read again: two rows, a threshold between their confidences
+    other = _ink(synth.strip([ds.images[i, 0].numpy() for i in range(5, 8)], [int(v) for v in ds.labels[5:8]],
+                             seed=4)[0], rdr)  # fmt: skip
+    sure = [ctc.beam(rdr.log_probs([normalize_row(x, rdr.rows_cfg)])[0]).confidence for x in (ink, other)]
+    assert sure[0] != sure[1]
+    rdr.inference = dataclasses.replace(rdr.inference, reread_below_row_confidence=float(np.sqrt(sure[0] * sure[1])))
+    calls = []
+    hook = rdr.model.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    try:
+        got = rdr.readings([ink, other])
+    finally:
+        hook.remove()
+    assert calls == [2, 2] and sorted(len(g[0]) for g in got) == [1, 3]
+    assert len(got[int(np.argmin(sure))][0]) == 3  # the less sure one
     assert isinstance(rdr.readings([np.zeros((10, 10), np.float32)])[0], DataError)  # no ink: said, not raised
     with pytest.raises(ConfigError, match="row_ink_fractions"):
         config.from_dict({"inference": {"row_ink_fractions": [0.75, 2.0]}})
