@@ -182,9 +182,7 @@ def open_reader(run: str, inference: dict | None = None):
     return rdr
 
 
-def sequence_reader(run: str, inference: dict | None = None):
-    rdr = open_reader(run, inference)
-
+def sequence_reader(rdr):
     def read(png: bytes) -> tuple[str, float]:
         r = rdr.read(png)
         return (r.text, r.confidence) if r.rejected in (None, "low-confidence") else ("", 0.0)
@@ -317,8 +315,9 @@ def main(argv: list[str] | None = None) -> int:
             d, fonts[int(rng.integers(len(fonts)))], slant_degrees=float(rng.uniform(-8, 8))))  # fmt: skip
     else:
         print("font_photo_rows skipped: no handwriting fonts installed (benchmarks/read.py --setup installs them)")
-    used = open_reader(args.reader, inference).inference
-    readers = {"sequence": sequence_reader(args.reader, inference)}
+    rdr = open_reader(args.reader, inference)
+    used = rdr.inference
+    readers = {"sequence": sequence_reader(rdr)}
     if args.classifier:
         readers["segment"] = segment_reader(args.classifier)
     tess = None if args.no_tesseract else tesseract_reader()
