@@ -263,13 +263,9 @@ def choose_threshold(curves: list[list[dict]], budget: float = 0.01) -> dict:
 
 
 def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+    import machine  # benchmarks/machine.py, beside this script
+
+    return machine.cpu_name()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -517,13 +517,9 @@ def main() -> None:
 
 
 def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+    import machine  # benchmarks/machine.py, beside this script
+
+    return machine.cpu_name()
 
 
 if __name__ == "__main__":

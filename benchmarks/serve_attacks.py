@@ -196,14 +196,10 @@ def main() -> None:
 
 
 def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                flags = Path("/proc/cpuinfo").read_text()
-                return line.split(":", 1)[1].strip() + (" (AVX-512)" if "avx512f" in flags else " (AVX2)")
-    except OSError:
-        pass
-    return platform.processor()
+    import machine  # benchmarks/machine.py, beside this script
+
+    flags = machine.cpu_flags()
+    return machine.cpu_name() + (f" ({flags.removesuffix(' with bfloat16')})" if flags else "")
 
 
 if __name__ == "__main__":

@@ -189,3 +189,46 @@ def test_final_run_trains_with_the_hold_out_split(tiny_dir, tmp_path):
     with pytest.raises(ConfigError, match="already holds a cross-validation"):
         cv.run_cv(tiny_cfg(tiny_dir), folds=2, out=cv_dir)
 
+
+
+def test_offline_expansion_expands_only_the_training_folds(no_test_dir, tmp_path, monkeypatch):
+    """--expand F: each fold trains on its own part F times over (originals first, then copies drawn with the
+    recipe), with augmentation off; the held-out fold is the plain images, never an augmented copy of them."""
+    seen = []
+    real_train = runs.train_run
+
+    def train_run(cfg, **kw):
+        seen.append((cfg, kw["datasets"]))
+        return real_train(cfg, **kw)
+
+    monkeypatch.setattr(runs, "train_run", train_run)
+    cfg = tiny_cfg(no_test_dir, "train.epochs=1", "augment.recipe=standard")
+    result = cv.run_cv(cfg, folds=2, out=tmp_path / "x2", expand=2)
+    full = data.load_split(no_test_dir, "train")
+    splits = cv.make_folds(full.labels, 2, cfg.split_seed)
+    assert len(seen) == 2 and result["expand"]["factor"] == 2
+    for (fold_cfg, (train, val, test)), (train_idx, val_idx), row in zip(seen, splits, result["folds"], strict=True):
+        n = len(train_idx)
+        assert test is None and len(train) == 2 * n == row["n_train"] and len(val) == len(val_idx) == row["n_val"]
+        assert torch.equal(train.images[:n], full.images[train_idx])  # the originals, then the copies
+        assert not torch.equal(train.images[n:], full.images[train_idx])  # the copies are augmented
+        assert torch.equal(train.labels, full.labels[train_idx].repeat(2))
+        assert torch.equal(val.images, full.images[val_idx])  # the held-out fold is not expanded
+        assert not fold_cfg.augment.enabled and cfg.augment.enabled  # no augmentation on top of the copies
+    saved = config.load(tmp_path / "x2" / "fold-1" / "config.yaml")
+    assert not saved.augment.enabled
+    assert "Offline augmentation" in (tmp_path / "x2" / "cv.md").read_text()
+    # the same folds and copies again: the expansion is seeded
+    again = cv.run_cv(cfg, folds=2, out=tmp_path / "again", expand=2)
+    assert [f["val_accuracy"] for f in again["folds"]] == [f["val_accuracy"] for f in result["folds"]]
+
+
+@pytest.mark.parametrize(("sets", "expand", "final", "message"), [
+    (["augment.recipe=standard"], 0, False, "whole number >= 1"),
+    (["augment.recipe=none"], 2, False, "has none"),
+    (["augment.recipe=standard"], 2, True, "not supported"),
+])  # fmt: skip
+def test_bad_expansions_are_config_errors(no_test_dir, tmp_path, sets, expand, final, message):
+    with pytest.raises(ConfigError, match=message):
+        cv.run_cv(tiny_cfg(no_test_dir, *sets), folds=2, out=tmp_path / "bad", expand=expand, final=final)
+    assert not (tmp_path / "bad").exists()  # checked before anything is written

@@ -13,7 +13,7 @@ from .conftest import ROOT
 
 DOCS = ROOT / "docs"
 PAGES = sorted(DOCS.glob("*.md"))
-TASKS = ("train", "evaluate", "realworld", "serve", "export", "scale", "retrain")
+TASKS = ("train", "evaluate", "realworld", "serve", "export", "scale", "retrain", "studies")
 
 
 def command_lines(text: str) -> list[str]:

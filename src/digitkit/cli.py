@@ -575,6 +575,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--folds", type=_positive, default=5, help="K (default 5; 10 is the other usual choice)")
     c.add_argument("--workers", type=_positive, default=1, help="folds trained in parallel processes")
     c.add_argument("--final", action="store_true", help="then train one model on the training set as `train` does")
+    c.add_argument("--expand", type=_positive, default=1, metavar="F",
+                   help="offline augmentation: each fold's training part becomes its originals plus F-1 copies "
+                        "augmented once with the config's recipe, trained with no further augmentation")
     c.add_argument("--data-dir", help="folder with the IDX files (default: the config's data.dir)")
     c.add_argument("--out", help="output folder (default: runs/<time>-cv<K>-<model>)")
     c.add_argument("--runs-root", default="runs", help=argparse.SUPPRESS)
@@ -955,7 +958,7 @@ def cmd_cv(args: argparse.Namespace) -> int:
 
     cfg = config.load(args.config, (args.set or []) + ([f"data.dir={args.data_dir}"] if args.data_dir else []))
     result = cv.run_cv(cfg, folds=args.folds, workers=args.workers, out=Path(args.out) if args.out else None,
-                       root=Path(args.runs_root), final=args.final,
+                       root=Path(args.runs_root), final=args.final, expand=args.expand,
                        reporter_factory=_reporter_factory(args, parallel=args.workers > 1,
                                                         extra_runs=int(args.final)))  # fmt: skip
     if args.json:
@@ -1857,6 +1860,7 @@ EXAMPLES: dict[str, tuple[str, list[str]]] = {
     "cv": ("", [
         "digitkit cv --config configs/default.yaml --folds 5 --workers 2",
         "digitkit cv --config configs/edge.yaml --folds 10 --final",
+        "digitkit cv --config configs/keras-style.yaml --expand 2 --set train.epochs=3",
     ]),
     "compare": ("Finished runs under runs/compare/ are reused; --retrain trains them again.", [
         "digitkit compare configs/compare-depth.yaml --seeds 3",

@@ -91,16 +91,19 @@ class TrainConfig:
     momentum: float = 0.9
     label_smoothing: float = 0.0
     schedule: str = "onecycle"
-    """none, plateau (halve after plateau_patience_epochs without val-loss improvement), onecycle or cosine."""
+    """none, plateau (multiply by plateau_factor when the validation loss stalls), onecycle or cosine."""
     plateau_factor: float = 0.5
     plateau_patience_epochs: int = 3
+    """plateau: the rate is cut once more than this many epochs in a row bring no lower validation loss (torch's
+    ReduceLROnPlateau counting: 3 cuts on the 4th flat epoch; Keras's patience=3, a cut on the 3rd, is 2 here)."""
     onecycle_pct_start: float = 0.25
     checkpoint_metric: str = "val_loss"
     """Which epoch's weights are kept: val_loss (lowest; the smoother signal: 6,000 validation images move the
     accuracy in steps of 0.017%, so its maximum is often a lucky early epoch), val_acc (highest) or last (the last
     epoch's, as final-*.pt; the only choice without validation)."""
     early_stopping_patience_epochs: int = 5
-    """Stop after this many epochs without val-loss improvement; 0 turns early stopping off."""
+    """Stop on the epoch that makes this many in a row without a lower validation loss (Keras's EarlyStopping
+    patience); 0 turns early stopping off."""
     eval_batch_size: int = 256
     """Images per evaluation batch. On a CPU a few hundred beat thousands: the activations stay in cache."""
     device: str = "auto"

@@ -18,10 +18,17 @@ run it is scored once on the test set (reported only).
 
 Cost: the training files are read and verified once (serial), or read once per worker process; folds are
 subsets by index, so K folds cost K runs plus the `overhead_seconds` recorded in cv.json.
+
+`expand=F` (> 1) is offline augmentation done the k-fold way: each fold's *training* part is expanded to F times
+its size (its originals, then F - 1 augmented copies drawn once with the config's augmentation, as
+`augment.expand` and `digitkit augment expand` do) and trained with no augmentation on top; the held-out fold stays
+as it is. Expanding the files before splitting would put copies of a held-out image into the training folds. The
+expanded set costs F times the steps per epoch: divide train.epochs by F to spend what online augmentation does.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -37,7 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from digitkit import config, data, plots, runs
+from digitkit import augment, config, data, plots, runs
 from digitkit.config import Config
 from digitkit.errors import ConfigError, DigitkitError
 from digitkit.idx import atomic_write_bytes
@@ -78,15 +85,18 @@ def run_cv(
     root: Path = runs.DEFAULT_ROOT,
     final: bool = False,
     reporter_factory: ReporterFactory | None = None,
+    expand: int = 1,
 ) -> dict[str, Any]:
     """Cross-validate `cfg` with `folds` stratified folds of the training files; returns what cv.json holds.
 
     `workers` > 1 trains folds in parallel processes (spawn start method; each gets cores // workers torch
     threads unless train.threads is set); the numbers are the same as a serial run's. `out` replaces the
-    default folder runs/<stamp>-cv<K>-<model>/.
+    default folder runs/<stamp>-cv<K>-<model>/. `expand` > 1: offline augmentation of each fold's training part
+    (see the module's docstring).
     """
     started = time.perf_counter()
     check_folds(folds)
+    check_expand(cfg, expand, final)
     if workers < 1:
         raise ConfigError(f"workers = {workers}: expected 1 (folds one after another) or more (in parallel)")
     workers = min(workers, folds)
@@ -101,16 +111,17 @@ def run_cv(
         for i, (train_idx, val_idx) in enumerate(splits, 1):
             reporter = reporter_factory(f"fold {i}/{folds}") if reporter_factory else None
             try:
-                summaries.append(_train_fold(cfg, full, train_idx, val_idx, cv_dir / f"fold-{i}", reporter))
+                summaries.append(_train_fold(cfg, full, train_idx, val_idx, cv_dir / f"fold-{i}", reporter,
+                                             expand=expand, fold=i))
             except DigitkitError as e:
                 raise type(e)(f"fold {i}/{folds}: {e}") from e
     else:
-        summaries = _run_parallel(cfg, splits, cv_dir, workers, reporter_factory)
+        summaries = _run_parallel(cfg, splits, cv_dir, workers, reporter_factory, expand)
 
     per_fold = []
     for i, ((train_idx, val_idx), s) in enumerate(zip(splits, summaries, strict=True), 1):
         per_fold.append({
-            "fold": i, "n_train": len(train_idx), "n_val": len(val_idx),
+            "fold": i, "n_train": len(train_idx) * expand, "n_val": len(val_idx),
             "val_accuracy": s["val_accuracy"], "val_log_loss": s["val_log_loss"],
             "best_epoch": s["best_epoch"], "epochs": s["epochs"],
             "seconds": round(s["wall_seconds"], 2), "train_seconds": s["train_seconds"],
@@ -126,6 +137,12 @@ def run_cv(
         "model": cfg.model.name,
         "data_dir": str(cfg.data.dir),
         "n_train_files": len(full),
+        "expand": None if expand == 1 else {
+            "factor": expand,
+            "augment": augment.config_to_dict(cfg.augment),
+            "note": f"offline augmentation: each fold's training part is its originals plus {expand - 1} augmented "
+                    "copies drawn once, trained with no further augmentation; held-out folds are not expanded",
+        },
         "classes": full.classes,
         "selection": "each fold's held-out part picks its checkpoint and scores it (the standard k-fold "
         "estimate); the test files are not used",
@@ -160,6 +177,20 @@ def run_cv(
     return {"cv_dir": str(cv_dir), **result}
 
 
+def check_expand(cfg: Config, expand: int, final: bool = False) -> None:
+    """`expand` must be a whole number >= 1; above 1 it needs an augmentation to draw the copies with."""
+    if isinstance(expand, bool) or not isinstance(expand, int) or expand < 1:
+        raise ConfigError(f"expand = {expand!r}: expected a whole number >= 1 (1: no offline expansion; 2 adds one "
+                          "augmented copy of each fold's training part)")  # fmt: skip
+    if expand > 1 and not cfg.augment.enabled:
+        raise ConfigError(f"expand = {expand} draws augmented copies with the config's augmentation, but it has "
+                          "none; set one, e.g. --set augment.recipe=standard")  # fmt: skip
+    if expand > 1 and final:
+        raise ConfigError("expand and final together are not supported: the final model trains on the training "
+                          "files as `digitkit train` does; for an offline-expanded final model, train on "
+                          "`digitkit augment expand` output with augment.recipe=none")  # fmt: skip
+
+
 def _make_cv_dir(out: Path | None, root: Path, name: str) -> Path:
     if out is None:
         return runs.new_run_dir(root, name)
@@ -177,14 +208,24 @@ def _train_fold(
     val_idx: torch.Tensor,
     run_dir: Path,
     reporter: Reporter | None,
+    expand: int = 1,
+    fold: int = 1,
 ) -> dict[str, Any]:
     """One fold: an ordinary run on index subsets of the training files, without a test set.
+
+    With `expand` > 1 the training part is expanded offline (copies drawn with a generator seeded by the config's
+    seed and the fold) and trained with augmentation off; the fold's config.yaml says so.
 
     Returns the run's summary plus `wall_seconds`, the whole call (the summary's total_seconds stops before the
     run's final evaluation and figures).
     """
     started = time.perf_counter()
-    datasets = (full.subset(train_idx), full.subset(val_idx), None)
+    train = full.subset(train_idx)
+    if expand > 1:
+        images, labels = augment.expand(train.images, train.labels, cfg.augment, expand, seed=cfg.seed * 1000 + fold)
+        train = data.Dataset(images, labels, train.classes, f"{train.source} (fold {fold} expanded x{expand})")
+        cfg = dataclasses.replace(cfg, augment=augment.AugmentConfig())
+    datasets = (train, full.subset(val_idx), None)
     summary = runs.train_run(cfg, out=run_dir, reporter=reporter, datasets=datasets, point_latest_link=False)
     return {**summary, "wall_seconds": time.perf_counter() - started}
 
@@ -202,7 +243,7 @@ def _init_worker(threads: int, events: Any) -> None:
 
 
 def _fold_worker(cfg_dict: dict[str, Any], label: str, train_idx: np.ndarray, val_idx: np.ndarray,
-                 run_dir: str) -> dict[str, Any]:  # fmt: skip
+                 run_dir: str, expand: int = 1, fold: int = 1) -> dict[str, Any]:  # fmt: skip
     cfg = config.from_dict(cfg_dict)
     if _WORKER.get("data_dir") != cfg.data.dir:
         # Once per process, not per fold; the parent already verified the checksums.
@@ -211,7 +252,7 @@ def _fold_worker(cfg_dict: dict[str, Any], label: str, train_idx: np.ndarray, va
     events = _WORKER.get("events")
     reporter = _QueueReporter(events, label) if events is not None else None
     return _train_fold(cfg, _WORKER["full"], torch.from_numpy(train_idx), torch.from_numpy(val_idx),
-                       Path(run_dir), reporter)  # fmt: skip
+                       Path(run_dir), reporter, expand, fold)  # fmt: skip
 
 
 class _QueueReporter:
@@ -237,6 +278,7 @@ def _run_parallel(
     cv_dir: Path,
     workers: int,
     reporter_factory: ReporterFactory | None,
+    expand: int = 1,
 ) -> list[dict[str, Any]]:
     ctx = multiprocessing.get_context("spawn")
     events = ctx.Queue() if reporter_factory else None
@@ -247,7 +289,8 @@ def _run_parallel(
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(threads, events)) as pool:
         futures: dict[Future, int] = {}
         for i, (train_idx, val_idx) in enumerate(splits, 1):
-            args = (cfg_dict, f"fold {i}/{k}", train_idx.numpy(), val_idx.numpy(), str(cv_dir / f"fold-{i}"))
+            args = (cfg_dict, f"fold {i}/{k}", train_idx.numpy(), val_idx.numpy(), str(cv_dir / f"fold-{i}"),
+                    expand, i)
             futures[pool.submit(_fold_worker, *args)] = i
         pending = set(futures)
         try:
@@ -325,6 +368,8 @@ def cv_markdown(result: dict[str, Any], title: str = "") -> str:
         "scored it. This is the standard k-fold estimate, slightly optimistic by that choice of epoch. "
         "The sealed test files were not used.",
         "",
+        *([f"Offline augmentation: {result['expand']['note']} (x{result['expand']['factor']}).", ""]
+          if result.get("expand") else []),
         f"Run folders: fold-1 .. fold-{k}; config: config.yaml. Time: {result['total_seconds']:.1f} s with "
         f"{result['workers']} worker(s) for {result['fold_seconds_sum']:.1f} s of fold runs.",
     ]
