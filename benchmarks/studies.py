@@ -22,7 +22,6 @@ accuracy is measured once per finished model and reported. Verdicts are Welch's 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import platform
 import shutil
@@ -34,8 +33,9 @@ from typing import Any
 
 import torch
 
-from digitkit import checkpoint, compare, config, cv, data, evaluate
+from digitkit import compare, config, cv, data, evaluate, runs
 from digitkit.errors import ConfigError
+from digitkit.train import read_metrics
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import machine  # noqa: E402 - benchmarks/machine.py
@@ -80,25 +80,15 @@ def figure_path(args: argparse.Namespace) -> Path:
     return Path(args.img_dir) / f"studies-{json_path(args).stem.removeprefix('study-')}.png"
 
 
-def stats(values: list[float]) -> dict[str, Any]:
-    return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
-            "min": min(values), "max": max(values), "values": values}  # fmt: skip
-
-
 def pct(s: dict[str, Any]) -> str:
     return f"{100 * s['mean']:.2f} +- {100 * (s['std'] or 0):.2f}%"
 
 
 def test_accuracy(run_dir: Path, test: data.Dataset) -> float:
     """The run's kept checkpoint scored once on the test files (reported only)."""
-    model = checkpoint.model_from_checkpoint(checkpoint.load(run_dir))
+    model = runs.open_model(run_dir).model
     logits = evaluate.predict_logits(model, test.images)
     return float((logits.argmax(1) == test.labels).float().mean())
-
-
-def history(run_dir: Path) -> list[dict[str, float]]:
-    with open(Path(run_dir) / "metrics.csv", newline="") as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 # ------------------------------------------------------------------------------------------------------ keras
@@ -126,8 +116,8 @@ def study_keras(args: argparse.Namespace) -> dict[str, Any]:
         variants.append({
             "name": name, "what": what, "overrides": sets, "offline_factor": factor,
             "epochs": cfg.train.epochs, "train_images_per_fold": folds[0]["n_train"],
-            "fold_accuracy": stats(accs), "fold_log_loss": stats([f["val_log_loss"] for f in folds]),
-            "test_accuracy_of_fold_models": stats(tests),
+            "fold_accuracy": compare.stats(accs), "fold_log_loss": compare.stats([f["val_log_loss"] for f in folds]),
+            "test_accuracy_of_fold_models": compare.stats(tests),
             "seconds_per_fold": statistics.mean(f["seconds"] for f in folds),
             "fold_seconds_sum": result["fold_seconds_sum"], "cv_dir": str(cv_dir),
         })  # fmt: skip
@@ -141,7 +131,7 @@ def study_keras(args: argparse.Namespace) -> dict[str, Any]:
         pair = compare.welch(a, va, b, vb)
         # The folds are the same for every variant (same split seed), so the per-fold difference is paired too.
         diffs = [x - y for x, y in zip(va, vb, strict=True)]
-        pair["paired_difference"] = stats(diffs)
+        pair["paired_difference"] = compare.stats(diffs)
         pair["paired_t"], pair["paired_p_value"] = _paired_t(va, vb)
         pair["test_welch"] = compare.welch(a, by[a]["test_accuracy_of_fold_models"]["values"], b,
                                            by[b]["test_accuracy_of_fold_models"]["values"])  # fmt: skip
@@ -192,7 +182,7 @@ def _entries(result: dict[str, Any]) -> list[dict[str, Any]]:
         for d in e["run_dirs"]:
             s = json.loads((Path(d) / "summary.json").read_text())
             # The median epoch, robust to an epoch slowed by another job on the machine (train_seconds sums them).
-            epoch_s = statistics.median(r["seconds"] for r in history(Path(d)))
+            epoch_s = statistics.median(r["seconds"] for r in read_metrics(Path(d) / "metrics.csv"))
             runs_.append({"run_dir": d, "best_epoch": s["best_epoch"], "epochs": s["epochs"],
                           "stopped_early": s["stopped_early"], "train_seconds": s["train_seconds"],
                           "epoch_seconds_median": epoch_s,
@@ -277,9 +267,11 @@ def _plot_curves(entries: list[dict[str, Any]], path: Path, title: str, all_seed
     import matplotlib.pyplot as plt
 
     fig, (loss_ax, acc_ax, lr_ax) = plt.subplots(1, 3, figsize=(13, 4))
+    shown: list[list[dict[str, float]]] = []
     for e in entries:
         for i, run in enumerate(e["runs"] if all_seeds else e["runs"][:1]):
-            h = history(Path(run["run_dir"]))
+            h = read_metrics(Path(run["run_dir"]) / "metrics.csv")
+            shown.append(h)
             epochs = [r["epoch"] for r in h]
             label = f"{e['name']} seed {i}" if all_seeds else e["name"]
             line = loss_ax.plot(epochs, [r["val_loss"] for r in h], marker=".", label=label)[0]
@@ -292,7 +284,7 @@ def _plot_curves(entries: list[dict[str, Any]], path: Path, title: str, all_seed
     lr_ax.set(title="learning rate", xlabel="epoch", yscale="log")
     for ax in (loss_ax, acc_ax, lr_ax):
         ax.grid(alpha=0.3)
-    lo = min(100 * r["val_acc"] for e in entries for run in e["runs"] for r in history(Path(run["run_dir"]))[1:])
+    lo = min(100 * r["val_acc"] for h in shown for r in h[1:])
     acc_ax.set_ylim(max(lo - 0.2, 90), 100)
     loss_ax.legend(fontsize=8)
     fig.suptitle(title)

@@ -258,7 +258,8 @@ def _finished_summary(cfg: Config, run_dir: Path) -> dict[str, Any]:
     return summary
 
 
-def _stats(values: list[float]) -> dict[str, Any]:
+def stats(values: list[float]) -> dict[str, Any]:
+    """mean, sample std (None with one value), min, max and the values themselves."""
     return {
         "mean": statistics.mean(values),
         "std": statistics.stdev(values) if len(values) > 1 else None,
@@ -279,10 +280,10 @@ def _entry_result(entry: Entry, cfg: Config, summaries: list[dict], dirs: list[s
         "config_hash": config_hash(cfg),
         "n_seeds": len(summaries),
         "seeds": entry.seeds,
-        "test_accuracy": _stats([s["test_accuracy"] for s in summaries]),
+        "test_accuracy": stats([s["test_accuracy"] for s in summaries]),
         # None when a run had no validation (data.val_fraction 0)
         "val_accuracy": None if any(s["val_accuracy"] is None for s in summaries) else
-        _stats([s["val_accuracy"] for s in summaries]),
+        stats([s["val_accuracy"] for s in summaries]),
         "train_seconds_mean": statistics.mean(s["train_seconds"] for s in summaries),
         "run_dirs": dirs,
         "reused": reused,
