@@ -549,3 +549,24 @@ def test_alert_state_survives_a_model_reload_as_a_fresh_start(mnist_small_run, t
         state = c.get("/v1/alerts").json()
         assert state["firing"] == [] and state["labels_in_window"] == 0
         assert "resolved: model reloaded" in srv.log()
+
+
+def test_the_latency_median_is_the_windows_median_at_every_step():
+    """The window is kept sorted as answers come and go (no sort per answer): its median must be statistics.median
+    of exactly the last `window` latencies, repeats and evictions included, and a reset empties it."""
+    import random
+    import statistics
+
+    settings = AlertSettings(window=7, min_latency_samples=1, min_feedback=1, min_class_feedback=1)
+    alerts = Alerts(settings, Reference(0.99, "test"), 1.0, list("0123456789"))
+    rng = random.Random(0)
+    seen: list[float] = []
+    for _ in range(200):
+        v = rng.choice([0.5, 1.0, 1.0, 2.5, rng.random() * 4])  # repeats on purpose
+        alerts.observe_latency(v)
+        seen.append(v)
+        detail = alerts.snapshot()["alerts"]["latency"]["detail"]
+        assert detail["median_ms"] == round(statistics.median(seen[-7:]), 3)
+    alerts.reset(Reference(0.99, "test"), 1.0, list("0123456789"), "v2")
+    alerts.observe_latency(3.0)
+    assert alerts.snapshot()["alerts"]["latency"]["detail"]["median_ms"] == 3.0

@@ -99,6 +99,83 @@ def test_record_rejects_a_wrong_image_size_and_duplicate_ids(log):
     assert log.stats()["total"] == 1  # the failed batch left nothing behind: one transaction
 
 
+
+def test_record_writes_exactly_what_sqlalchemy_core_writes(log, db_url):
+    """record() runs a precompiled INSERT on the DBAPI cursor: the rows it stores are the ones
+    `conn.execute(predictions.insert(), rows)` stores, field for field and type for type, through one row
+    (cursor.execute) and several (executemany); and its errors are still DataErrors."""
+    import sqlalchemy as sa
+
+    from digitkit.serve.audit import COLUMNS, predictions
+
+    def mix() -> list[AuditRecord]:
+        return [
+            rec(1, cached=True),
+            rec(2, digit=None, rejected="low-confidence", confidence=0.31, image=bytearray(image(2))),
+            rec(3, digit=None, rejected="unreadable", confidence=0.0, image=None, route="batch", client="[::1]:80"),
+            rec(4, time=1_700_000_004, latency_ms=7, confidence=1, true_label="4", feedback_time=1_700_000_100.5),
+            rec(5, model_version="v2 ünïcode", input_sha256="e" * 64, image=bytes(784), cached=False),
+            rec(6, image=bytes(range(256)) * 3 + bytes(16)),
+        ]  # fmt: skip
+
+    fast, core = mix(), mix()
+    for a, b in zip(fast, core, strict=True):
+        b.request_id = "core-" + a.request_id[5:]
+    log.record(fast[:1])  # one row
+    log.record(fast[1:])  # several rows
+    for batch in (core[:1], core[1:]):  # the path record() took before: SQLAlchemy Core, one transaction
+        rows = [{c: getattr(r, c) for c in COLUMNS} for r in batch]
+        for row in rows:
+            row["image"] = bytes(row["image"]) if row["image"] is not None else None
+        with log.engine.begin() as conn:
+            conn.execute(predictions.insert(), rows)
+
+    def as_core(record: AuditRecord, request_id: str) -> dict:
+        values = {c: getattr(record, c) for c in COLUMNS}
+        return {**values, "request_id": request_id, "types": [type(v).__name__ for v in values.values()]}
+
+    for a, b in zip(fast, core, strict=True):
+        got_a, got_b = log.get(a.request_id), log.get(b.request_id)
+        assert as_core(got_a, b.request_id) == as_core(got_b, b.request_id)
+        assert got_b.image == (bytes(a.image) if a.image is not None else None) and isinstance(got_a.time, float)
+
+    exports = {}
+    for fmt in ("csv", "jsonl"):
+        out = io.StringIO()
+        assert log.export(out, fmt) == 2 * len(fast)
+        exports[fmt] = out.getvalue()
+    for a, b in zip(fast, core, strict=True):
+        exports = {fmt: text.replace(a.request_id, b.request_id) for fmt, text in exports.items()}
+    for fmt, text in exports.items():  # every core row is next to its fast twin (same time), then byte-equal to it
+        lines = sorted(text.splitlines()[1:] if fmt == "csv" else text.splitlines())
+        assert lines[0::2] == lines[1::2], fmt
+
+    # What the driver hands back without SQLAlchemy's types, and (SQLite) the storage class of every value.
+    typeof = ", ".join(f"typeof({c})" for c in COLUMNS) if log.is_sqlite else "NULL"
+    query = f"SELECT {', '.join(COLUMNS)}, {typeof} FROM predictions"
+    with log.engine.connect() as conn:
+        raw = {r[0]: tuple(r) for r in conn.exec_driver_sql(query)}
+    for a, b in zip(fast, core, strict=True):
+        got_a, got_b = raw[a.request_id][1:], raw[b.request_id][1:]
+        assert [(type(v), bytes(v) if isinstance(v, memoryview) else v) for v in got_a] == \
+               [(type(v), bytes(v) if isinstance(v, memoryview) else v) for v in got_b]  # fmt: skip
+    if log.is_sqlite:
+        assert raw[fast[0].request_id][len(COLUMNS) :] == ("text", "real", "text", "text", "text", "text", "real",
+                                                          "null", "real", "text", "integer", "blob", "null", "null")
+
+    # Errors: a value the column type refuses, as SQLAlchemy Core refused it; the database's own errors.
+    with pytest.raises(sa.exc.StatementError, match="Not a boolean value"), log.engine.begin() as conn:
+        conn.execute(predictions.insert(), [{**as_core(rec(7), "x"), "types": None, "cached": "yes"}])
+    with pytest.raises(DataError, match=r"cannot record predictions \(Not a boolean value: 'yes'\)"):
+        log.record([rec(7), rec(8, cached="yes")])
+    with log.engine.begin() as conn:
+        conn.execute(sa.text("DROP TABLE predictions"))
+    with pytest.raises(DataError, match="cannot record predictions .*predictions"):
+        log.record([rec(9)])
+    AuditLog(db_url).close()  # creates the table again
+    log.record([rec(10)])  # the failed transaction was rolled back: the pooled connection works
+    assert log.stats()["total"] == 1
+
 def test_stats(log):
     records = [rec(i, latency_ms=float(i), confidence=0.5 + i / 1000, cached=i % 4 == 0) for i in range(1, 101)]
     for r in records[90:95]:

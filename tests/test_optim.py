@@ -184,3 +184,40 @@ def test_one_cycle_leaves_sgd_without_momentum_alone():
     for _ in range(20):
         sched.step()
         assert opt.param_groups[0]["momentum"] == 0.0
+
+
+def test_weight_average_is_torch_ema_and_reads_its_state():
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    from digitkit.models import create_model
+    from digitkit.optim import WeightAverage
+
+    torch.manual_seed(0)
+    model = create_model("cnn3_tiny")
+    ours = WeightAverage(model, 0.9)
+    theirs = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.rand(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    for _ in range(4):
+        model.train()
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        ours.update_parameters(model)
+        theirs.update_parameters(model)
+    for (name, a), b in zip(ours.module.state_dict().items(), theirs.module.state_dict().values(), strict=True):
+        if a.is_floating_point():
+            torch.testing.assert_close(a, b, msg=f"{name} differs")
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    assert int(ours.n_averaged) == int(theirs.n_averaged) == 4
+    resumed = WeightAverage(model, 0.9)  # a last.pt written by torch's AveragedModel resumes here
+    resumed.load_state_dict(theirs.state_dict())
+    assert resumed._started
+    with torch.no_grad():
+        before = [p.clone() for p in resumed.module.parameters()]
+        resumed.update_parameters(model)  # an average, not a copy of the model
+        moved = [p for p, q, m in zip(resumed.module.parameters(), before, model.parameters(), strict=True)
+                 if not torch.equal(p, m) and not torch.equal(p, q)]  # fmt: skip
+    assert moved
+    with pytest.raises(Exception, match="decay"):
+        WeightAverage(model, 1.0)

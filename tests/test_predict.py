@@ -97,8 +97,9 @@ def test_rejection_reasons(mnist_small_run, mnist_test, tmp_path, capsys):
 
 
 def test_one_preprocess_is_shared():
-    # The recognizer (behind predict, read, the server and the web page) calls the very same function.
-    assert classify.preprocess is preprocess.preprocess
+    # The recognizer (behind predict, read, the server and the web page) calls the very same function, which
+    # preprocess() itself goes through for one image.
+    assert classify.preprocess_many is preprocess.preprocess_many
 
 
 def test_noise_defence_answers_do_not_depend_on_the_batch(mnist_small_run, mnist_test):

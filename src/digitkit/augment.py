@@ -406,7 +406,7 @@ def _draw_device(gen: torch.Generator | None, device: torch.device) -> torch.dev
 
 def _rand(shape: tuple[int, ...], gen: torch.Generator | None, device: torch.device) -> torch.Tensor:
     """Uniform [0, 1), drawn on the generator's device and moved to device."""
-    return torch.rand(shape, generator=gen, device=_draw_device(gen, device)).to(device)
+    return torch.rand(shape, generator=gen, device=_draw_device(gen, device)).to(device, non_blocking=True)
 
 
 def _uniform(shape: tuple[int, ...], lo: float, hi: float, gen: torch.Generator | None,
@@ -417,7 +417,7 @@ def _uniform(shape: tuple[int, ...], lo: float, hi: float, gen: torch.Generator 
 def _pick(b: int, p: float, gen: torch.Generator | None, device: torch.device) -> torch.Tensor:
     """Indices (K,) of the samples, out of b, that an op with probability p applies to."""
     coins = torch.rand((b,), generator=gen, device=_draw_device(gen, device)) < p
-    return coins.nonzero().squeeze(1).to(device)
+    return coins.nonzero().squeeze(1).to(device, non_blocking=True)
 
 
 def _affine_theta(
@@ -440,9 +440,12 @@ def _affine_theta(
     rot_inv = torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)
     shear_inv = torch.stack([torch.stack([one, -k], -1), torch.stack([zero, one], -1)], -2)
     a_inv = shear_inv @ rot_inv / scale[:, None, None]
-    d = torch.tensor([width / 2, height / 2], dtype=a_inv.dtype, device=a_inv.device)
-    lin = a_inv * d[None, None, :] / d[None, :, None]
-    shift = -(a_inv @ shift_px[:, :, None]).squeeze(2) / d
+    # D = diag(W/2, H/2) as Python numbers: a tensor built from them would be a blocking copy to a GPU.
+    ratio = torch.ones(2, 2, dtype=a_inv.dtype, device=a_inv.device)
+    ratio[0, 1], ratio[1, 0] = height / width, width / height  # d[j] / d[i] at (i, j)
+    lin = a_inv * ratio
+    shift = -(a_inv @ shift_px[:, :, None]).squeeze(2)
+    shift = torch.stack([shift[:, 0] / (width / 2), shift[:, 1] / (height / 2)], 1)
     return torch.cat([lin, shift[:, :, None]], dim=2)
 
 
@@ -482,8 +485,8 @@ def _warp(x: torch.Tensor, angle_deg: torch.Tensor, shift_px: torch.Tensor, scal
     grid = (base.view(1, h * w, 3) @ theta.transpose(1, 2)).view(n, h, w, 2)
     if displacement_px is not None:
         # One pixel is 2/W (x) or 2/H (y) grid units with align_corners=False.
-        px_to_grid = torch.tensor([2 / w, 2 / h], dtype=x.dtype, device=x.device)
-        grid = grid + displacement_px.to(x.dtype) * px_to_grid
+        disp = displacement_px.to(x.dtype)
+        grid = grid + torch.stack([disp[..., 0] * (2 / w), disp[..., 1] * (2 / h)], -1)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
@@ -502,45 +505,50 @@ def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
 
 
 def _geometry(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator | None) -> torch.Tensor:
-    """x (B, C, H, W) after rotation, translation, scale, shear, elastic; x itself if no sample drew any."""
+    """x (B, C, H, W) after rotation, translation, scale, shear, elastic; x itself if no sample drew any.
+
+    The per-sample parameters and the choice of samples stay where they are drawn (the generator's device) and
+    reach x's device in one copy each: on a GPU fed by a CPU generator, nothing here waits for the GPU."""
     b, _, h, w = x.shape
-    dev = x.device
-    angle, shear = torch.zeros(b, device=dev), torch.zeros(b, device=dev)
-    shift, scale = torch.zeros(b, 2, device=dev), torch.ones(b, device=dev)
-    need = torch.zeros(b, dtype=torch.bool, device=dev)
+    dev, dd = x.device, _draw_device(gen, x.device)
+    angle, shear = torch.zeros(b, device=dd), torch.zeros(b, device=dd)
+    shift, scale = torch.zeros(b, 2, device=dd), torch.ones(b, device=dd)
+    need = torch.zeros(b, dtype=torch.bool, device=dd)
     if cfg.rotation.p > 0:
-        i = _pick(b, cfg.rotation.p, gen, dev)
-        angle[i] = _uniform((len(i),), -cfg.rotation.degrees, cfg.rotation.degrees, gen, dev)
+        i = _pick(b, cfg.rotation.p, gen, dd)
+        angle[i] = _uniform((len(i),), -cfg.rotation.degrees, cfg.rotation.degrees, gen, dd)
         need[i] = True
     if cfg.translate.p > 0:
-        i = _pick(b, cfg.translate.p, gen, dev)
-        shift[i] = _uniform((len(i), 2), -cfg.translate.pixels, cfg.translate.pixels, gen, dev)
+        i = _pick(b, cfg.translate.p, gen, dd)
+        shift[i] = _uniform((len(i), 2), -cfg.translate.pixels, cfg.translate.pixels, gen, dd)
         need[i] = True
     if cfg.scale.p > 0:
-        i = _pick(b, cfg.scale.p, gen, dev)
-        scale[i] = _uniform((len(i),), cfg.scale.min, cfg.scale.max, gen, dev)
+        i = _pick(b, cfg.scale.p, gen, dd)
+        scale[i] = _uniform((len(i),), cfg.scale.min, cfg.scale.max, gen, dd)
         need[i] = True
     if cfg.shear.p > 0:
-        i = _pick(b, cfg.shear.p, gen, dev)
-        shear[i] = _uniform((len(i),), -cfg.shear.degrees, cfg.shear.degrees, gen, dev)
+        i = _pick(b, cfg.shear.p, gen, dd)
+        shear[i] = _uniform((len(i),), -cfg.shear.degrees, cfg.shear.degrees, gen, dd)
         need[i] = True
     elastic = None
     if cfg.elastic.p > 0:
-        elastic = _pick(b, cfg.elastic.p, gen, dev)
+        elastic = _pick(b, cfg.elastic.p, gen, dd)
         need[elastic] = True
-    rows = need.nonzero().squeeze(1)
+    rows = need.nonzero().squeeze(1)  # on the draw device: its size is known without asking x's device
     if len(rows) == 0:
         return x
     field_px = None
     if elastic is not None and len(elastic):
         # Fields only for the samples that drew elastic, placed at their positions among the warped rows.
         field_px = torch.zeros(len(rows), h, w, 2, device=dev)
-        field_px[torch.searchsorted(rows, elastic)] = _elastic_field(
+        field_px[torch.searchsorted(rows, elastic).to(dev)] = _elastic_field(
             len(elastic), h, w, cfg.elastic.alpha, cfg.elastic.sigma, gen, dev
         )
     # Only the samples that drew some geometry are resampled: the others stay bit-identical and cost nothing.
+    params = (angle[rows], shift[rows], scale[rows], shear[rows])
+    rows = rows.to(dev, non_blocking=True)
     out = x.clone()
-    out[rows] = _warp(x[rows], angle[rows], shift[rows], scale[rows], shear[rows], field_px)
+    out[rows] = _warp(x[rows], *(p.to(dev, non_blocking=True) for p in params), field_px)
     return out
 
 

@@ -23,7 +23,7 @@ from digitkit.calibration import check_temperature, temperature_of
 from digitkit.config import Config, InferenceConfig
 from digitkit.errors import DataError
 from digitkit.evaluate import digit_scores, predict_probs
-from digitkit.preprocess import PreprocessConfig, Preprocessed, preprocess
+from digitkit.preprocess import PreprocessConfig, Preprocessed, preprocess_many
 
 REASONS = ("unreadable", "empty", "no-ink", "not-a-digit", "low-confidence")
 
@@ -139,57 +139,73 @@ class Recognizer:
             options = pre.candidates or [("first", pre.tensor)]  # candidates[0] is pre.tensor (see Preprocessed)
             readings[i] = [(name, len(rows) + j) for j, (name, _) in enumerate(options)]
             rows.extend(tensor for _, tensor in options)
-        probs = self.probs(torch.stack(rows)) if rows else None
-        out: list[Answer] = []
-        for i, pre in enumerate(pres):
-            if pre.rejected:
-                out.append(Answer(None, 0.0, [], pre.rejected, record=pre.record, x=pre.tensor))
+        x = torch.stack(rows) if rows else None
+        probs = self.probs(x) if rows else None
+        chosen: dict[int, int] = {}  # image -> its row
+        records: dict[int, dict[str, Any]] = {}
+        for i, options in readings.items():
+            if len(options) == 1:
+                chosen[i], records[i] = options[0][1], pres[i].record
                 continue
-            options = readings[i]
             best_name, best_row = max(options, key=lambda o: float(probs[o[1]].max()))  # the first wins ties
-            record = pre.record
+            chosen[i], records[i] = best_row, pres[i].record
             if len(options) > 1:
-                record = {**record, "reading": {"chosen": best_name, "why": "the reading the model is surest of",
-                                                "confidence": {n: round(float(probs[r].max()), 6) for n, r in options}}}
-            out.append(self._decide(probs[best_row], rows[best_row], record, top_k))
+                records[i] = {**pres[i].record, "reading": {
+                    "chosen": best_name, "why": "the reading the model is surest of",
+                    "confidence": {n: round(float(probs[r].max()), 6) for n, r in options}}}  # fmt: skip
+        picked = [chosen[i] for i in chosen]  # images in order, rejected ones left out
+        decided = iter(self._decide_batch(probs[picked], x[picked], list(records.values()), top_k) if picked else [])
+        return [Answer(None, 0.0, [], pre.rejected, record=pre.record, x=pre.tensor) if pre.rejected else next(decided)
+                for pre in pres]  # fmt: skip
+
+    def _decide_batch(self, p: torch.Tensor, x: torch.Tensor, records: list[dict[str, Any]], top_k: int
+                      ) -> list[Answer]:  # fmt: skip
+        """Answers from probabilities p (B, K) and model inputs x (B, 1, H, W): the rules (ink shape, digit score,
+        confidence) computed for the whole batch in a few tensor operations, then read out per image."""
+        conf, idx = p.max(1)
+        k = min(max(top_k, 1), len(self.classes))
+        top = torch.topk(p, k, dim=1)
+        scores = digit_scores(p).tolist()
+        shapes = ink_shapes(x)
+        probs_l, conf_l, idx_l = p.tolist(), conf.tolist(), idx.tolist()
+        top_v, top_i = top.values.tolist(), top.indices.tolist()
+        inf, classes = self.inference, self.classes
+        out = []
+        for b, record in enumerate(records):
+            digit, score, c = classes[idx_l[b]], scores[b], conf_l[b]
+            answer = Answer(
+                digit=digit, confidence=round(c, 6), probabilities=[round(v, 6) for v in probs_l[b]],
+                predicted=digit, top_k=[(classes[j], round(v, 6)) for v, j in zip(top_v[b], top_i[b], strict=True)],
+                digit_score=round(score, 4), record=record, x=x[b],
+            )  # fmt: skip
+            shape = shapes[b]
+            if shape["coverage"] > MAX_INK_COVERAGE or (shape["box_fill"] > MAX_BOX_FILL and
+                                                        shape["box_min_side"] >= 10):  # fmt: skip
+                answer.digit, answer.rejected = None, "not-a-digit"
+                answer.record = {**record, "ink_shape": shape}
+            elif score < inf.reject_below_digit_score:
+                answer.digit, answer.rejected = None, "not-a-digit"
+                answer.record = {**record, "why": f"digit score {score:.3f} below inference.reject_below_digit_score "
+                                                  f"{inf.reject_below_digit_score:g}: the model was trained to answer "
+                                                  "like this for what is not a digit"}  # fmt: skip
+            elif c < inf.reject_below_confidence:
+                answer.digit, answer.rejected = None, "low-confidence"
+            out.append(answer)
         return out
 
-    def _decide(self, p: torch.Tensor, x: torch.Tensor, record: dict[str, Any], top_k: int) -> Answer:
-        conf, idx = p.max(0)
-        k = min(max(top_k, 1), len(self.classes))
-        top = torch.topk(p, k)
-        score = digit_score(p)
-        answer = Answer(
-            digit=self.classes[int(idx)], confidence=round(float(conf), 6),
-            probabilities=[round(float(v), 6) for v in p], predicted=self.classes[int(idx)],
-            top_k=[(self.classes[int(j)], round(float(v), 6)) for v, j in zip(top.values, top.indices, strict=True)],
-            digit_score=round(score, 4), record=record, x=x,
-        )  # fmt: skip
-        shape = ink_shape(x)
-        if shape["coverage"] > MAX_INK_COVERAGE or (shape["box_fill"] > MAX_BOX_FILL and shape["box_min_side"] >= 10):
-            answer.digit, answer.rejected = None, "not-a-digit"
-            answer.record = {**record, "ink_shape": shape}
-        elif score < self.inference.reject_below_digit_score:
-            answer.digit, answer.rejected = None, "not-a-digit"
-            answer.record = {**record, "why": f"digit score {score:.3f} below inference.reject_below_digit_score "
-                                              f"{self.inference.reject_below_digit_score:g}: the model was trained to "
-                                              "answer like this for what is not a digit"}  # fmt: skip
-        elif float(conf) < self.inference.reject_below_confidence:
-            answer.digit, answer.rejected = None, "low-confidence"
-        return answer
-
     # ---------------------------------------------------------------------------------------- inputs
-    def predict(self, sources: list[Any], top_k: int = 3) -> list[Answer]:
+    def predict(self, sources: list[Any], top_k: int = 3, fast: bool = True) -> list[Answer]:
         """Any image sources (paths, bytes, arrays, PIL images); an unreadable one becomes an `unreadable` answer
-        and the others go on."""
+        and the others go on. Every readable image goes through the model in one batch; images already in MNIST's
+        format take preprocessing's fast path unless `fast` is False (see digitkit.preprocess.mnist_format)."""
         pres: list[Preprocessed | None] = []
         errors: dict[int, str] = {}
-        for i, src in enumerate(sources):
-            try:
-                pres.append(preprocess(src, self.preprocess_cfg))
-            except DataError as e:
+        for i, result in enumerate(preprocess_many(sources, self.preprocess_cfg, fast)):
+            if isinstance(result, DataError):
                 pres.append(None)
-                errors[i] = str(e)
+                errors[i] = str(result)
+            else:
+                pres.append(result)
         good = [p for p in pres if p is not None]
         answers = iter(self.answers(good, top_k))
         return [next(answers) if p is not None else Answer(None, 0.0, [], "unreadable", error=errors[i])
@@ -236,10 +252,15 @@ def digit_score(p: torch.Tensor) -> float:
 
 def ink_shape(x: torch.Tensor) -> dict[str, float]:
     """x (1, H, W) in [0, 1]: share of pixels lit (> 0.5), and how much of its bounding box the ink fills."""
-    m = x[0] > 0.5
-    coverage = float(m.float().mean())
-    if not m.any():
-        return {"coverage": 0.0, "box_fill": 0.0, "box_min_side": 0}
-    h, w = int(m.any(1).sum()), int(m.any(0).sum())
-    return {"coverage": round(coverage, 4), "box_fill": round(float(m.sum()) / (h * w), 4), "box_min_side": min(h, w)}
+    return ink_shapes(x[None])[0]
+
+
+def ink_shapes(x: torch.Tensor) -> list[dict[str, float]]:
+    """x (B, 1, H, W) -> `ink_shape` of each image, from a few batched reductions."""
+    m = x[:, 0] > 0.5
+    pixels = m.shape[1] * m.shape[2]
+    lit = m.sum((1, 2)).tolist()
+    rows, cols = m.any(2).sum(1).tolist(), m.any(1).sum(1).tolist()
+    return [{"coverage": round(n / pixels, 4), "box_fill": round(n / (h * w), 4), "box_min_side": min(h, w)} if n
+            else {"coverage": 0.0, "box_fill": 0.0, "box_min_side": 0} for n, h, w in zip(lit, rows, cols, strict=True)]
 

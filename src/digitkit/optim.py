@@ -288,3 +288,51 @@ class Plateau:
     def load_state_dict(self, saved: dict[str, Any]) -> None:
         self.best, self.num_bad_epochs = float(saved["best"]), int(saved["num_bad_epochs"])
         self.last_epoch = int(saved["last_epoch"])
+
+
+class WeightAverage(torch.nn.Module):
+    """An exponential moving average of a model's weights and buffers (batch-norm statistics): `module` is the
+    averaged copy. The first update copies the model; each later one moves every floating-point tensor a share
+    (1 - decay) of the way to the model's (other buffers, such as batch counts, are copied).
+
+    torch.optim.swa_utils.AveragedModel with get_ema_multi_avg_fn computes the same average, and its state dict
+    (module.*, n_averaged) is the same, so last.pt files written with it resume here. It keeps its count on the CPU
+    and copies it to the device, and reads it back, on every update: on a GPU, a wait for the device each step.
+    Here whether the first update is done is a Python flag, and the count stays on the model's device."""
+
+    def __init__(self, model: torch.nn.Module, decay: float) -> None:
+        super().__init__()
+        import copy
+
+        if not 0.0 < decay < 1.0:
+            raise ConfigError(f"an average's decay of {decay}: expected a value in (0, 1) such as 0.999")
+        self.module = copy.deepcopy(model)
+        self.decay = decay
+        device = next(model.parameters()).device
+        self.register_buffer("n_averaged", torch.zeros((), dtype=torch.long, device=device))
+        self._started = False
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+    @torch.no_grad()
+    def update_parameters(self, model: torch.nn.Module) -> None:
+        mine = [*self.module.parameters(), *self.module.buffers()]
+        theirs = [t.detach() for t in (*model.parameters(), *model.buffers())]
+        if len(mine) != len(theirs):
+            raise ValueError(f"the model has {len(theirs)} tensors, its average {len(mine)}: not the same model")
+        floats = [(a, b) for a, b in zip(mine, theirs, strict=True) if a.is_floating_point()]
+        if not self._started:
+            torch._foreach_copy_(mine, theirs)
+            self._started = True
+        elif floats:
+            torch._foreach_lerp_([a for a, _ in floats], [b for _, b in floats], 1.0 - self.decay)
+            for a, b in zip(mine, theirs, strict=True):
+                if not a.is_floating_point():
+                    a.copy_(b)
+        self.n_averaged.add_(1)
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        out = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self._started = bool(self.n_averaged.item() > 0)  # read once, when a run resumes
+        return out

@@ -133,9 +133,9 @@ def fit(
     memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
     model.to(device=device, memory_format=memory_format)
     steps_per_epoch = epoch_steps(len(train_set), t)
-    if device.type != "cpu":  # the whole uint8 set on the device once: no host-to-device copy per batch
-        train_set = Dataset(train_set.images.to(device), train_set.labels.to(device), train_set.classes)
-    outliers = None
+    # The whole uint8 set on the device once (a no-op on the CPU): no host-to-device copy per batch.
+    train_set = Dataset(train_set.images.to(device), train_set.labels.to(device), train_set.classes)
+    outliers, outlier_box = None, 20
     if t.outlier_weight > 0:
         if negatives is None or not len(negatives):
             raise ValueError("train.outlier_weight > 0 needs non-digits: pass `negatives` (data.negatives_dir)")
@@ -171,27 +171,10 @@ def fit(
             distributed.log_shard(epoch, perm[: steps_per_epoch * batch_size], len(perm), world)
         model.train()
         reporter.epoch_start(epoch, t.epochs, steps_per_epoch)
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        seen = 0
-        for step in range(steps_per_epoch):
-            idx = perm[step * batch_size : (step + 1) * batch_size]
-            extra = None
-            if outliers is not None:  # drawn from the epoch's generator: a resumed run draws the same ones
-                extra = outlier_batch(outliers, train_set, t, g, outlier_box)
-            x, y = load_batch(train_set, idx, cfg.augment, g, device, memory_format, extra)
-            loss, logits = optimizer_step(model, opt, x, y)
-            if ema is not None:
-                ema.update_parameters(model)
-            if sched_every == "batch":
-                sched.step()
-            loss_sum += loss * len(y)
-            correct += (logits.argmax(1) == y).sum()
-            seen += len(y)
-            if step % 20 == 19 or step == steps_per_epoch - 1:
-                # .item() is a device sync point: only every 20 steps, for the progress bar.
-                elapsed = time.perf_counter() - started
-                reporter.batch(step + 1, loss_sum.item() / seen, correct.item() / seen, seen / elapsed)
+        loss_sum, correct, seen = run_steps(
+            EpochPlan(train_set, perm, g, steps_per_epoch, batch_size, device, memory_format), cfg, optimizer_step,
+            model, opt, reporter, ema=ema, sched=sched if sched_every == "batch" else None, outliers=outliers,
+            outlier_box=outlier_box, started=started)  # fmt: skip
         train_seconds = time.perf_counter() - started
         distributed.sync_buffers(measured, world)  # one model on every rank: rank 0's batch-norm statistics
         val_loss = val_acc = log_loss = math.nan  # no validation (data.val_fraction 0): the columns stay empty
@@ -234,6 +217,54 @@ def fit(
     return state
 
 
+@dataclass
+class EpochPlan:
+    """What one epoch's steps draw from: the training set (on `device`), the epoch's shuffle and generator."""
+
+    train_set: Dataset
+    perm: torch.Tensor
+    g: torch.Generator
+    steps: int
+    batch_size: int
+    device: torch.device
+    memory_format: torch.memory_format = torch.contiguous_format
+
+
+def run_steps(plan: EpochPlan, cfg: Config, step: StepFn, model: DigitModel, opt: optim.Optimizer,
+              reporter: Reporter, ema: Any = None, sched: Any = None, outliers: torch.Tensor | None = None,
+              outlier_box: int = 20, started: float | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """One epoch's optimizer steps: (summed loss, correct answers, images seen), the first two on the device.
+
+    Nothing here waits for the device: batches are gathered on it, the augmentation's draws reach it in one copy
+    per parameter, and the running sums stay on it. The one exception is the progress bar, which reads the sums
+    every 20 steps; a SilentReporter (`--quiet`) never does, so a quiet step never waits (the test runs these
+    steps on the `meta` device, where any value read on the host is an error)."""
+    t = cfg.train
+    started = time.perf_counter() if started is None else started
+    loss_sum = torch.zeros((), device=plan.device)
+    correct = torch.zeros((), device=plan.device, dtype=torch.long)
+    seen, shows = 0, not isinstance(reporter, SilentReporter)
+    perm = plan.perm.to(plan.device, non_blocking=True)  # the shuffle is drawn on the CPU: one copy an epoch
+    for i in range(plan.steps):
+        idx = perm[i * plan.batch_size : (i + 1) * plan.batch_size]
+        extra = None
+        if outliers is not None:  # drawn from the epoch's generator: a resumed run draws the same ones
+            extra = outlier_batch(outliers, plan.train_set, t, plan.g, outlier_box)
+        x, y = load_batch(plan.train_set, idx, cfg.augment, plan.g, plan.device, plan.memory_format, extra)
+        loss, logits = step(model, opt, x, y)
+        if ema is not None:
+            ema.update_parameters(model)
+        if sched is not None:
+            sched.step()
+        loss_sum += loss * len(y)
+        correct += (logits.argmax(1) == y).sum()
+        seen += len(y)
+        if shows and (i % 20 == 19 or i == plan.steps - 1):  # .item() waits for the device: for the progress bar
+            elapsed = time.perf_counter() - started
+            reporter.batch(i + 1, loss_sum.item() / seen, correct.item() / seen, seen / elapsed)
+    return loss_sum, correct, seen
+
+
 def training_state(model: DigitModel, t: TrainConfig, steps_per_epoch: int, resume: dict[str, Any] | None
                    ) -> tuple[optim.Optimizer, Any, str, Any, FitState]:  # fmt: skip
     """(optimizer, schedule, when it steps, EMA or None, FitState) for a run, restored from `resume` (a loaded
@@ -270,13 +301,9 @@ def epoch_steps(n: int, t: TrainConfig) -> int:
     return min(full, t.steps_per_epoch) if t.steps_per_epoch else full
 
 
-def make_ema(model: DigitModel, decay: float) -> Any:
+def make_ema(model: DigitModel, decay: float) -> optim.WeightAverage | None:
     """An exponential moving average of the weights and buffers (batch-norm statistics), or None if decay is 0."""
-    if not decay:
-        return None
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    return optim.WeightAverage(model, decay) if decay else None
 
 
 def epoch_draws(seed: int, epoch: int, n: int) -> tuple[torch.Generator, torch.Tensor]:

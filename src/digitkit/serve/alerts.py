@@ -22,9 +22,9 @@ The windows belong to one process: with `--workers N` each worker judges the tra
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
-import statistics
 import threading
 import time
 import urllib.error
@@ -112,6 +112,8 @@ class Alerts:
         self.settings, self.notify, self.clock = settings, notify, clock
         self._lock = threading.Lock()
         self._latencies: deque[float] = deque(maxlen=settings.window)
+        self._by_latency: list[float] = []
+        """The same window kept sorted (bisect), so that the median read on every answer costs no sort."""
         self._labels: OrderedDict[str, tuple[str, str]] = OrderedDict()
         self._seq = 0
         self._configure(reference, baseline_latency_ms, classes, model_version)
@@ -133,7 +135,10 @@ class Alerts:
         if not (isinstance(latency_ms, int | float) and latency_ms >= 0):
             return
         with self._lock:
+            if len(self._latencies) == self._latencies.maxlen:
+                del self._by_latency[bisect.bisect_left(self._by_latency, self._latencies[0])]
             self._latencies.append(float(latency_ms))
+            bisect.insort(self._by_latency, float(latency_ms))
             events = self._judge(("latency",))
         self._send(events)
 
@@ -164,6 +169,7 @@ class Alerts:
                     old.detail = {**old.detail, "reason": f"model reloaded ({model_version}): the windows start again"}
                     events.append(self._message(old, "resolved"))
             self._latencies.clear()
+            self._by_latency.clear()
             self._labels.clear()
             self._configure(reference, baseline_latency_ms, classes, model_version)
         self._send(events)
@@ -216,7 +222,7 @@ class Alerts:
 
     def _latency(self) -> tuple[float | None, int, dict[str, Any]]:
         n, base = len(self._latencies), self.baseline_latency_ms
-        median = statistics.median(self._latencies) if n else None
+        median = _median_sorted(self._by_latency) if n else None
         detail = {"median_ms": None if median is None else round(median, 3), "baseline_ms": base}
         if median is None or not base or n < self.settings.min_latency_samples:
             return None, n, detail
@@ -371,3 +377,9 @@ class Webhook:
             self.outcomes["failed"] += 1
         log.warning("alert webhook %s: %s %s not delivered after %d attempt(s) (%s); check alerts.webhook_url and "
                     "the receiver", self.where, message.get("alert"), message.get("status"), attempt, why)  # fmt: skip
+
+
+def _median_sorted(values: list[float]) -> float:
+    """statistics.median of an already sorted, non-empty list."""
+    n = len(values)
+    return values[n // 2] if n % 2 else (values[n // 2 - 1] + values[n // 2]) / 2

@@ -33,8 +33,9 @@ import os
 import tempfile
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from http import HTTPStatus
 from importlib import resources
@@ -55,7 +56,7 @@ from digitkit.errors import DataError, plain_message
 from digitkit.serve import protocol, schemas
 from digitkit.serve.alerts import Alerts, Reference, Webhook, card_accuracy
 from digitkit.serve.metrics import CONTENT_TYPE
-from digitkit.serve.service import Input, Service, ServiceError
+from digitkit.serve.service import Input, Job, Service, ServiceError
 from digitkit.serve.settings import SETTINGS_ENV, LimitSettings, ServeSettings
 
 log = logging.getLogger("digitkit.serve")
@@ -163,7 +164,7 @@ class Guard:
                 message = await receive()
             else:
                 try:
-                    message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.0))
+                    message = await _within(receive(), max(deadline - loop.time(), 0.0))
                 except TimeoutError:
                     raise BodyRefused(408, f"the request body did not arrive within {self.limits.body_timeout_s:g} "
                                       "s (limits.body_timeout_s); send it faster or smaller") from None  # fmt: skip
@@ -198,6 +199,15 @@ class Guard:
                     self.by_client[client] = left
                 else:
                     del self.by_client[client]
+
+
+async def _within(awaitable: Any, seconds: float) -> Any:
+    """`await awaitable`, or TimeoutError after `seconds`: asyncio.timeout where Python has it (3.11), which costs
+    a timer where wait_for (3.10) wraps the awaitable in a task."""
+    if hasattr(asyncio, "timeout"):
+        async with asyncio.timeout(seconds):
+            return await awaitable
+    return await asyncio.wait_for(awaitable, seconds)
 
 
 def _header(scope: dict, name: bytes) -> bytes | None:
@@ -279,24 +289,23 @@ class Worker:
         self.pending = 0
         self._lock = threading.Lock()
 
-    async def run(self, timeout_s: float, fn: Callable[..., T], *args: Any, quick: bool = False) -> T:
+    def admit(self) -> None:
+        """Count one more job, or refuse it (503) when too many are still running or queued."""
         with self._lock:
             if self.pending >= self.max_pending:
                 raise ServiceError(503, "server busy", f"{self.pending} jobs are still running on this worker (some "
                                    "of them for requests that timed out); retry in a second")  # fmt: skip
             self.pending += 1
+
+    async def run(self, timeout_s: float, fn: Callable[..., T], *args: Any, quick: bool = False) -> T:
+        self.admit()
         try:
             future = (self.quick if quick else self.pool).submit(fn, *args)
         except RuntimeError:  # shutting down
             self._done(None)
             raise ServiceError(503, "shutting down", "the server is stopping; retry on another instance") from None
         future.add_done_callback(self._done)
-        try:
-            return await asyncio.wait_for(asyncio.wrap_future(future), timeout_s)
-        except TimeoutError:
-            raise ServiceError(408, "request timeout",
-                               f"the request took longer than {timeout_s:g} s (limits.request_timeout_s); send a "
-                               "smaller image or batch") from None  # fmt: skip
+        return await _await(future, timeout_s)
 
     def _done(self, _: Any) -> None:
         with self._lock:
@@ -305,6 +314,127 @@ class Worker:
     def close(self) -> None:
         for pool in (self.quick, self.pool):
             pool.shutdown(wait=False, cancel_futures=True)
+
+
+async def _await(future: Future, timeout_s: float) -> Any:
+    """A job's result, or 408 after `timeout_s` (the job itself runs on: threads cannot be stopped)."""
+    try:
+        return await asyncio.wait_for(asyncio.wrap_future(future), timeout_s)
+    except TimeoutError:
+        raise ServiceError(408, "request timeout",
+                           f"the request took longer than {timeout_s:g} s (limits.request_timeout_s); send a "
+                           "smaller image or batch") from None  # fmt: skip
+
+
+class Ticket:
+    """A request on its way to the Batcher: counted from its header until it is queued (or gives up)."""
+
+    def __init__(self, batcher: Batcher) -> None:
+        self.batcher, self.counted = batcher, True
+
+    def withdraw(self) -> None:
+        """No longer on the way (queued, sent elsewhere or failed); a second call does nothing."""
+        if self.counted:
+            self.counted = False
+            self.batcher.arriving -= 1
+
+
+class Batcher:
+    """Micro-batching of single-image predictions, in one thread (it replaces the quick lane for them): each batch
+    takes every request queued, and, while other requests are known to be on their way (`Ticket`: header read,
+    body still coming or being handed over), waits for them up to `wait_s`, up to `max_jobs` requests. A request
+    that arrives alone never waits. `run_batch(payloads)` answers a batch with one result per payload, a value or
+    an exception; should it raise, each request of the batch is run again on its own, so the failure reaches only
+    the request that caused it. Every job counts against the Worker's pending limit (503 beyond it) from the
+    moment it is queued until it ends, and each request waits for its answer under its own timeout.
+
+    On 2 cores one thread is also the right number: the forward pass of a batch of 8 costs little more than one of
+    1, and one thread answering batches in turn does not fight the event loop's thread for the GIL."""
+
+    def __init__(self, worker: Worker, run_batch: Callable[[list[Any]], list[Any]], wait_s: float,
+                 max_jobs: int) -> None:  # fmt: skip
+        self.worker, self.run_batch = worker, run_batch
+        self.wait_s, self.max_jobs = wait_s, max_jobs
+        self.arriving = 0
+        """Tickets out: changed on the event loop's thread only, read by the batch thread (a plain int under the
+        GIL; a stale read only makes a batch wait a little longer or shorter, never past wait_s)."""
+        self.queue: deque[tuple[Any, Future]] = deque()
+        self.cond = threading.Condition()
+        self.closed = False
+        self.batches = 0
+        self.jobs = 0
+        self.thread = threading.Thread(target=self._loop, name="digitkit-batch", daemon=True)
+        self.thread.start()
+
+    def arrive(self) -> Ticket:
+        self.arriving += 1
+        return Ticket(self)
+
+    async def submit(self, timeout_s: float, ticket: Ticket, payload: Any) -> Any:
+        self.worker.admit()
+        future: Future = Future()
+        future.add_done_callback(self.worker._done)
+        with self.cond:
+            ticket.withdraw()
+            if self.closed:
+                future.set_exception(ServiceError(503, "shutting down", "the server is stopping; retry on another "
+                                                  "instance"))  # fmt: skip
+            else:
+                self.queue.append((payload, future))
+                self.cond.notify()
+        return await _await(future, timeout_s)
+
+    def _loop(self) -> None:
+        while True:
+            with self.cond:
+                while not self.queue and not self.closed:
+                    self.cond.wait()
+                if not self.queue:
+                    return
+                batch = [self.queue.popleft()]
+                deadline = time.monotonic() + self.wait_s
+                while self.wait_s > 0 and len(batch) < self.max_jobs:
+                    if self.queue:
+                        batch.append(self.queue.popleft())
+                        continue
+                    left = deadline - time.monotonic()
+                    if self.arriving <= 0 or left <= 0:
+                        break
+                    self.cond.wait(left)
+            live = [(payload, future) for payload, future in batch if future.set_running_or_notify_cancel()]
+            if live:  # (a request that timed out while queued was cancelled: nobody waits for it)
+                self._run(live)
+
+    def _run(self, live: list[tuple[Any, Future]]) -> None:
+        payloads = [payload for payload, _ in live]
+        self.batches += 1
+        self.jobs += len(live)
+        try:
+            results = self.run_batch(payloads)
+        except Exception as e:  # noqa: BLE001 - delivered to the request(s) concerned, as the pool would
+            results = [e] if len(live) == 1 else [self._alone(payload) for payload in payloads]
+        for (_, future), result in zip(live, results, strict=True):
+            if isinstance(result, BaseException):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+    def _alone(self, payload: Any) -> Any:
+        try:
+            return self.run_batch([payload])[0]
+        except Exception as e:  # noqa: BLE001 - see _run
+            return e
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            while self.queue:
+                _, future = self.queue.popleft()
+                if future.set_running_or_notify_cancel():
+                    future.set_exception(ServiceError(503, "shutting down", "the server is stopping; retry on "
+                                                      "another instance"))  # fmt: skip
+            self.cond.notify_all()
+        self.thread.join(timeout=5)
 
 
 async def _watch_loop_lag(state: Any, period_s: float = 0.02) -> None:
@@ -372,6 +502,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
             lag.cancel()
             if app.state.webhook is not None:
                 app.state.webhook.close()
+            batcher.close()  # requests still queued get 503; the batch running now ends first
             service, app.state.service = app.state.service, None
             service.close()
             worker.close()
@@ -432,21 +563,62 @@ def create_app(settings: ServeSettings) -> FastAPI:
         size = len(raw) if raw is not None else sum(len(i.data) for i in form_inputs or [])
         return await work(job, quick=single and size <= QUICK_BODY_BYTES)
 
+    def run_predictions(payloads: list[tuple[bytes | None, list[Input] | None, Any, str]]) -> list[Any]:
+        """Single-image requests (raw body or form files, headers, client) -> a response or a ServiceError each: parsed
+        one by one (a bad body fails only its own request), then answered together (Service.predict_jobs: one forward
+        pass, one audit transaction) and rendered. Runs in the Batcher's thread, or in the pool for a large image."""
+        out: list[Any] = [None] * len(payloads)
+        jobs, where = [], []
+        for i, (raw, form_inputs, headers, client) in enumerate(payloads):
+            try:
+                body, inputs = _parse(raw, form_inputs, headers, schemas.PredictIn, limits, True)
+            except ServiceError as e:
+                out[i] = e
+                continue
+            route = "preview" if body.preview else "predict"
+            jobs.append(Job(inputs, route, client, body.top_k, body.return_input, strict=True))
+            where.append(i)
+        if jobs:
+            svc = service()
+            svc.metrics.batch_requests.observe(len(jobs))
+            for i, job, result in zip(where, jobs, svc.predict_jobs(jobs), strict=True):
+                if isinstance(result, ServiceError):
+                    out[i] = result
+                    continue
+                if job.route != "preview":  # as the drift window: a preview of a half-drawn digit is not traffic
+                    observe_answers(result)
+                out[i] = JSONResponse(result[0])
+        return out
+
+    batcher = Batcher(worker, run_predictions, settings.batching.wait_ms / 1000, settings.batching.max_images)
+    app.state.batcher = batcher
+
+    def predict_alone(payload: tuple[bytes | None, list[Input] | None, Any, str]) -> Response:
+        result = run_predictions([payload])[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
     # ----------------------------------------------------------------------------------- prediction
-    @app.post("/v1/predict", response_model=schemas.Prediction, responses=ERRORS, dependencies=[Depends(api_key)],
+    # The busiest route checks its key in its body, first thing, instead of through Depends: FastAPI's dependency
+    # machinery costs more than the check (tests/test_serve.py holds it to the same 401s as the other routes).
+    @app.post("/v1/predict", response_model=schemas.Prediction, responses=ERRORS,
               openapi_extra=_body_doc(schemas.PredictIn), tags=["predict"])  # fmt: skip
     async def predict(request: Request) -> Response:
         """Predict one digit. Send a multipart `file`, a raw image body, or JSON with `image` or `pixels`."""
-        client = _client(request)
-
-        def run(body: Any, inputs: list[Input]) -> Any:
-            route = "preview" if body.preview else "predict"
-            out = service().predict(inputs, route, client, body.top_k, body.return_input, strict=True)[0]
-            if route != "preview":  # as the drift window: a preview of a half-drawn digit is not traffic
-                observe_answers([out])
-            return out
-
-        return await answer(request, schemas.PredictIn, True, run)
+        _check_secret(request, settings.api_key, "API key", "X-API-Key")
+        ticket = batcher.arrive()  # on its way: a micro-batch may wait for it
+        try:
+            raw, form_inputs = await _read_body(request, limits, True)
+            service()  # not ready: 503 before any work
+            payload = (raw, form_inputs, request.headers, _client(request))
+            size = len(raw) if raw is not None else sum(len(i.data) for i in form_inputs or [])
+            if size > QUICK_BODY_BYTES:  # a photo may take tens of ms: in the pool, not ahead of small images
+                ticket.withdraw()
+                return await work(predict_alone, payload)
+            return await batcher.submit(limits.request_timeout_s, ticket, payload)
+        finally:
+            ticket.withdraw()
 
     @app.post("/v1/predict/batch", response_model=schemas.BatchOut, responses=ERRORS,
               dependencies=[Depends(api_key)], openapi_extra=_body_doc(schemas.BatchIn, multipart_files=True),

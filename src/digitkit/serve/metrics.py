@@ -51,6 +51,9 @@ class Metrics:
         self.loop_lag = Histogram("digitkit_event_loop_lag_seconds",
                                   "How late the event loop woke up (sampled every 20 ms): time it was held",
                                   buckets=LOOP_LAG_BUCKETS, registry=reg)  # fmt: skip
+        self.batch_requests = Histogram("digitkit_batch_requests",
+                                        "Single-image requests answered together in one micro-batch",
+                                        buckets=(1, 2, 4, 8, 16, 32, 64, 256, 1024), registry=reg)  # fmt: skip
         self._live: dict[str, Any] = {}
         self.registry.register(_LiveCollector(self._live))
         if multiprocess():

@@ -73,8 +73,9 @@ class Prediction(BaseModel):
     digit_score: float | None = Field(None, description="mean over the classes of log(p_top / p_i): low when the "
                                       "answer is close to 'no idea', which a model trained with non-digits gives "
                                       "them (null when the model did not run)")
-    input_kind: str | None = Field(None, description="what preprocessing took the image for: clean, canvas, photo "
-                                   "or scan (null when it could not be read)")
+    input_kind: str | None = Field(None, description="what preprocessing took the image for: clean, canvas, photo, "
+                                   "scan, or mnist (already in MNIST's format: the fast path); null when it could not "
+                                   "be read")
     top_k: list[TopK]
     error: str | None = None
     latency_ms: float

@@ -27,7 +27,7 @@ from PIL import Image
 
 from digitkit.classify import Answer, Recognizer
 from digitkit.errors import ConfigError, DataError, DigitkitError
-from digitkit.preprocess import Preprocessed
+from digitkit.preprocess import Preprocessed, preprocess_many
 from digitkit.serve.audit import AuditLog, AuditRecord
 from digitkit.serve.drift import Baseline, DriftMonitor, compute_baseline, load_baseline, save_baseline
 from digitkit.serve.metrics import Metrics
@@ -63,6 +63,19 @@ class Input:
             kind = "model-input" if self.model_input else "pixels"
             return hashlib.sha256(f"{kind}{a.shape}".encode() + a.tobytes()).hexdigest()
         return hashlib.sha256(self.data).hexdigest()
+
+
+@dataclass
+class Job:
+    """One request's images and how to answer them (Service.predict_jobs answers several jobs at once)."""
+
+    inputs: list[Input]
+    route: str
+    client: str
+    top_k: int = 3
+    return_input: bool = False
+    strict: bool = False
+    """One image per request: an unusable image is the job's ServiceError, not an `unreadable` answer."""
 
 
 @dataclass
@@ -365,70 +378,130 @@ class Service:
         An input that is not a readable image gets `rejected: "unreadable"` and an `error`; with `strict` (one
         image per request) it raises ServiceError instead, after the attempt is logged.
         """
-        return self._predict(inputs, route, client, top_k, return_input, strict)[0]
+        out = self.predict_jobs([Job(inputs, route, client, top_k, return_input, strict)])[0]
+        if isinstance(out, ServiceError):
+            raise out
+        return out
 
-    def _predict(self, inputs: list[Input], route: str, client: str, top_k: int, return_input: bool,
-                 strict: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:  # fmt: skip
-        loaded = self.loaded  # one model for the whole request, even if a reload happens meanwhile
+    def predict_jobs(self, jobs: list[Job]) -> list[list[dict[str, Any]] | ServiceError]:
+        """Several requests answered together (micro-batching, digitkit.serve.app): every image of every job not in
+        the cache goes through the recognizer in one batch, and all their audit records are committed in one
+        transaction before this returns. Each job gets its own answers, or its own ServiceError (a strict job whose
+        image is unusable): one request's bad input never changes another's answer."""
+        return [out if isinstance(out, ServiceError) else out[0] for out in self._predict_jobs(jobs)]
+
+    def _predict_jobs(self, jobs: list[Job]) -> list[tuple[list[dict[str, Any]], list[dict[str, Any]]] | ServiceError]:
+        loaded = self.loaded  # one model for the whole batch, even if a reload happens meanwhile
         version = loaded.info.version
-        results, entries, records = [], [], []
-        for item in inputs:
-            start = time.perf_counter()
-            entry, hit, sha = self._answer(item, loaded)
-            latency_ms = (time.perf_counter() - start) * 1000
-            answer = {**entry["answer"], "top_k": entry["answer"]["top_k"][:top_k]}
-            request_id = uuid.uuid4().hex
-            out = {"request_id": request_id, "model_version": version, **answer,
-                   "latency_ms": round(latency_ms, 3), "cached": hit}  # fmt: skip
-            if return_input:
-                out["input_png"] = png_base64(entry["image"]) if entry["image"] is not None else None
-            results.append(out)
-            entries.append(entry)
-            records.append(AuditRecord(
-                request_id=request_id, time=time.time(), route=route, input_sha256=sha, model_version=version,
-                digit=answer["digit"], confidence=answer["confidence"], rejected=answer["rejected"],
-                latency_ms=round(latency_ms, 3), client=client, cached=hit,
-                image=entry["image"].tobytes() if entry["image"] is not None else None,
-            ))  # fmt: skip
-        self.audit.record(records)  # durable before anyone is told the answer
-        for out in results:
+        items = [item for job in jobs for item in job.inputs]
+        found, latencies = self._answer_all(items, loaded)
+        outs: list[tuple[list[dict[str, Any]], list[dict[str, Any]]] | ServiceError] = []
+        records, observed, now = [], [], time.time()
+        k = 0
+        for job in jobs:
+            results, entries = [], []
+            for _ in job.inputs:
+                (entry, hit, sha), latency_ms = found[k], latencies[k]
+                k += 1
+                answer = {**entry["answer"], "top_k": entry["answer"]["top_k"][:job.top_k]}
+                request_id = uuid.uuid4().hex
+                out = {"request_id": request_id, "model_version": version, **answer, "latency_ms": latency_ms,
+                       "cached": hit}  # fmt: skip
+                if job.return_input:
+                    out["input_png"] = png_base64(entry["image"]) if entry["image"] is not None else None
+                results.append(out)
+                entries.append(entry)
+                records.append(AuditRecord(
+                    request_id=request_id, time=now, route=job.route, input_sha256=sha, model_version=version,
+                    digit=answer["digit"], confidence=answer["confidence"], rejected=answer["rejected"],
+                    latency_ms=latency_ms, client=job.client, cached=hit,
+                    image=entry["image"].tobytes() if entry["image"] is not None else None,
+                ))  # fmt: skip
+                observed.append((out, job.route))
+            if job.strict and len(entries) == 1 and entries[0]["status"]:
+                outs.append(ServiceError(entries[0]["status"], entries[0]["title"], results[0]["error"]))
+            else:
+                outs.append((results, entries))
+        self.audit.record(records)  # durable before anyone is told an answer: one transaction for the batch
+        for out, route in observed:
             self.metrics.observe_answer(out["digit"], out["confidence"], out["rejected"], out["cached"])
             if route != "preview":  # a cache hit's latency says nothing about the model's: left out
                 loaded.drift.observe(out["digit"], out["confidence"], None if out["cached"] else out["latency_ms"])
-        if strict and len(entries) == 1 and entries[0]["status"]:
-            raise ServiceError(entries[0]["status"], entries[0]["title"], results[0]["error"])
-        return results, entries
+        return outs
 
-    def _answer(self, item: Input, loaded: Loaded) -> tuple[dict[str, Any], bool, str]:
-        """(cache entry {answer, image, status, title}, whether it came from the cache, input hash)."""
-        sha = item.sha256()
-        key = (loaded.info.version, sha)
-        entry = self.cache.get(key)
-        if entry is not None:
-            return entry, True, sha
-        answer, image, status, title = self._compute(item, loaded)
-        entry = {"answer": answer, "image": image, "status": status, "title": title}
-        self.cache.put(key, entry)
-        return entry, False, sha
+    def _predict(self, inputs: list[Input], route: str, client: str, top_k: int, return_input: bool,
+                 strict: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:  # fmt: skip
+        out = self._predict_jobs([Job(inputs, route, client, top_k, return_input, strict)])[0]
+        if isinstance(out, ServiceError):
+            raise out
+        return out
+
+    def _answer_all(self, items: list[Input], loaded: Loaded) -> tuple[list[tuple[dict[str, Any], bool, str]],
+                                                                       list[float]]:  # fmt: skip
+        """Per item (cache entry {answer, image, status, title}, whether it came from the cache, input hash), and
+        its latency in ms: a computed image's share of the time the batch took (so that the drift and alert latency
+        windows measure the model's cost per image, whatever the batching), a cache hit's own lookup time."""
+        t0 = time.perf_counter()
+        version = loaded.info.version
+        found: list[tuple[dict[str, Any], bool, str] | None] = []
+        misses: dict[tuple[str, str], list[int]] = {}  # the same input twice in a batch is computed once
+        for i, item in enumerate(items):
+            sha = item.sha256()
+            entry = self.cache.get((version, sha))
+            found.append((entry, True, sha) if entry is not None else None)
+            if entry is None:
+                misses.setdefault((version, sha), []).append(i)
+        hit_ms = round((time.perf_counter() - t0) * 1000 / max(len(items), 1), 3)
+        latencies = [hit_ms] * len(items)
+        if misses:
+            t1 = time.perf_counter()
+            computed = self._compute_all([items[where[0]] for where in misses.values()], loaded)
+            share = round((time.perf_counter() - t1) * 1000 / len(misses), 3) + hit_ms
+            for (key, where), (answer, image, status, title) in zip(misses.items(), computed, strict=True):
+                entry = {"answer": answer, "image": image, "status": status, "title": title}
+                self.cache.put(key, entry)
+                for i in where:
+                    found[i], latencies[i] = (entry, False, key[1]), share
+        return found, latencies  # type: ignore[return-value]
 
     def _compute(self, item: Input, loaded: Loaded | None = None) -> tuple[dict[str, Any], np.ndarray | None, int,
                                                                            str]:  # fmt: skip
         """(answer, the uint8 model input or None, and for an unusable input the 4xx status and title, else 0)."""
-        rec = (loaded or self.loaded).recognizer
-        status, title = 0, ""
-        try:
-            if item.model_input:
-                answer = rec.answers([self._model_input(item.data, rec)], top_k=len(rec.classes))[0]
-            else:
+        return self._compute_all([item], loaded or self.loaded)[0]
+
+    def _compute_all(self, items: list[Input], loaded: Loaded) -> list[tuple[dict[str, Any], np.ndarray | None, int,
+                                                                            str]]:  # fmt: skip
+        """`_compute` for several items: each preprocessed on its own (images already in MNIST's format take the
+        fast path), then every readable one through the model and the rejection rules in one batch."""
+        rec = loaded.recognizer
+        pres: list[Preprocessed | None] = [None] * len(items)
+        failed: dict[int, tuple[Answer, int, str]] = {}
+        images: list[int] = []  # items to preprocess, all together
+        for i, item in enumerate(items):
+            try:
+                if item.model_input:
+                    pres[i] = self._model_input(item.data, rec)
+                    continue
                 if isinstance(item.data, bytes):
                     self._check_encoded(item.data)
-                answer = rec.predict([item.data], top_k=len(rec.classes))[0]
-        except ServiceError as e:
-            answer = Answer(None, 0.0, [], "unreadable", error=e.detail)
-            status, title = e.status, e.error
-        if answer.rejected == "unreadable" and not status:
-            status, title = 422, "unreadable image"
-        return _answer_json(answer), _uint8_image(answer), status, title
+                images.append(i)
+            except ServiceError as e:
+                failed[i] = (Answer(None, 0.0, [], "unreadable", error=e.detail), e.status, e.error)
+        for i, result in zip(images, preprocess_many([items[i].data for i in images], rec.preprocess_cfg),
+                             strict=True):  # fmt: skip
+            if isinstance(result, DataError):
+                failed[i] = (Answer(None, 0.0, [], "unreadable", error=str(result)), 422, "unreadable image")
+            else:
+                pres[i] = result
+        answers = rec.answers([p for p in pres if p is not None], top_k=len(rec.classes))
+        seen = [a.x for a in answers if a.x is not None]  # the model inputs as uint8, converted all at once
+        as_uint8 = iter(torch.stack(seen)[:, 0].mul(255).round().clamp(0, 255).to(torch.uint8).numpy() if seen else [])
+        computed = iter(answers)
+        out = []
+        for i, pre in enumerate(pres):
+            answer, status, title = failed[i] if pre is None else (next(computed), 0, "")
+            out.append((_answer_json(answer), next(as_uint8) if answer.x is not None else None, status, title))
+        return out
 
     @staticmethod
     def _model_input(pixels: np.ndarray, rec: Recognizer) -> Preprocessed:
@@ -444,6 +517,12 @@ class Service:
         limit = self.settings.limits.max_image_pixels
         too_large = (f"over this server's limit of {limit:,} pixels (limits.max_image_pixels); shrink it (a digit "
                      "needs far fewer pixels)")
+        if raw[:8] == PNG_SIGNATURE and raw[12:16] == b"IHDR" and len(raw) >= 24:
+            # A PNG's size is the first chunk's first 8 bytes (what PIL reads too): no need to open the file twice.
+            w, h = int.from_bytes(raw[16:20], "big"), int.from_bytes(raw[20:24], "big")
+            if w * h > limit:
+                raise ServiceError(413, "image too large", f"image is {w}x{h} = {w * h:,} pixels, {too_large}")
+            return
         try:
             with Image.open(io.BytesIO(raw)) as img:
                 w, h = img.size
@@ -560,18 +639,15 @@ class Service:
         self.audit.close()
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
 def _answer_json(answer: Answer) -> dict[str, Any]:
     out = answer.to_json()
     out.pop("record", None)
     if out.get("error") is None:
         out.pop("error", None)
     return out
-
-
-def _uint8_image(answer: Answer) -> np.ndarray | None:
-    if answer.x is None:
-        return None
-    return answer.x[0].mul(255).round().clamp(0, 255).to(torch.uint8).numpy()
 
 
 def png_base64(image: np.ndarray) -> str:

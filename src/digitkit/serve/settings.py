@@ -82,6 +82,34 @@ class LimitSettings:
                 raise ConfigError(f"limits.{name} = {value!r}: expected seconds, more than 0 and at most 3600")
 
 
+MAX_BATCH_WAIT_MS = 50.0
+
+
+@dataclass
+class BatchingSettings:
+    """Micro-batching of single-image predictions (digitkit.serve.app.Batcher): requests that arrive together are
+    answered by one forward pass and their audit records committed in one transaction; each still gets its own
+    answer, and a bad input fails only its own request."""
+
+    wait_ms: float = 2.0
+    """How long a batch may wait for requests already on their way (their header read, their body still coming)
+    before it runs; 0 turns micro-batching off (each request is its own forward pass and transaction). A request
+    that arrives alone never waits: there is nobody on the way."""
+    max_images: int = 64
+    """Most requests in one micro-batch."""
+
+    def __post_init__(self) -> None:
+        wait = self.wait_ms
+        if isinstance(wait, bool) or not isinstance(wait, int | float) or not math.isfinite(wait) or \
+                not 0 <= wait <= MAX_BATCH_WAIT_MS:  # fmt: skip
+            raise ConfigError(f"batching.wait_ms = {wait!r}: expected milliseconds from 0 (micro-batching off) to "
+                              f"{MAX_BATCH_WAIT_MS:g}, e.g. 2; every request may wait this long for others")
+        top = self.max_images
+        if isinstance(top, bool) or not isinstance(top, int) or not 1 <= top <= 1024:
+            raise ConfigError(f"batching.max_images = {top!r}: expected a whole number of requests from 1 to 1024 "
+                              "(e.g. 64; 1 turns micro-batching off)")
+
+
 @dataclass
 class DriftSettings:
     """Live traffic against the baseline stored with the model (see digitkit.serve.drift)."""
@@ -279,6 +307,8 @@ class ServeSettings:
     """torch, or onnx: answer through ONNX Runtime from the run's export/model.onnx (`digitkit export RUN`; it must
     come from the same checkpoint). Explanations still use the PyTorch model of that checkpoint."""
     limits: LimitSettings = field(default_factory=LimitSettings)
+    batching: BatchingSettings = field(default_factory=BatchingSettings)
+    """Micro-batching of concurrent single-image predictions (wait_ms, max_images); wait_ms 0 turns it off."""
     drift: DriftSettings = field(default_factory=DriftSettings)
     audit: AuditSettings = field(default_factory=AuditSettings)
     """Audit-log retention (max_age_days, max_rows, prune_every_s); the default keeps everything."""
