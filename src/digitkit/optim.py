@@ -10,6 +10,7 @@ one call per operation for all parameters, as torch.optim does on a GPU.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -302,8 +303,6 @@ class WeightAverage(torch.nn.Module):
 
     def __init__(self, model: torch.nn.Module, decay: float) -> None:
         super().__init__()
-        import copy
-
         if not 0.0 < decay < 1.0:
             raise ConfigError(f"an average's decay of {decay}: expected a value in (0, 1) such as 0.999")
         self.module = copy.deepcopy(model)

@@ -1220,6 +1220,11 @@ def deskew(image: np.ndarray, max_shear: float = 1.0) -> tuple[np.ndarray, float
 
 def deskew_batch(x: torch.Tensor, max_shear: float = 1.0) -> torch.Tensor:
     """x (B, 1, H, W) float -> the same, each image deskewed exactly like `deskew` (one grid_sample for all)."""
+    return deskew_batch_shear(x, max_shear)[0]
+
+
+def deskew_batch_shear(x: torch.Tensor, max_shear: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """`deskew_batch`'s result and each image's shear alpha (B,), as `deskew` returns it."""
     b, c, h, w = x.shape
     if c != 1:
         raise ValueError(f"deskew_batch expects (B, 1, H, W), got {tuple(x.shape)}")
@@ -1250,7 +1255,7 @@ def deskew_batch(x: torch.Tensor, max_shear: float = 1.0) -> torch.Tensor:
     empty = mass <= 0
     if empty.any():  # nothing to centre: the image as it was
         out[empty] = x[empty].float()
-    return out
+    return out, alpha
 
 
 def deskew_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -1476,16 +1481,8 @@ def _deskew_stack(digits: np.ndarray) -> tuple[np.ndarray, list[float]]:
         done = [deskew(d) for d in digits]
         return np.stack([d for d, _ in done]), [a for _, a in done]
     x = torch.from_numpy(np.ascontiguousarray(digits, dtype=np.float32)).unsqueeze(1)
-    img = x[:, 0].double()
-    h, w = img.shape[1:]
-    ys, xs = torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64)
-    rows, cols = img.sum(2), img.sum(1)
-    total = rows.sum(1).clamp_min(1e-12)
-    cy, cx = rows @ ys / total, cols @ xs / total
-    mu02 = rows @ ys.square() / total - cy.square()
-    mu11 = (img @ xs) @ ys / total - cx * cy
-    shear = torch.where(mu02 > 1e-6, mu11 / mu02.clamp_min(1e-6), torch.zeros_like(mu02)).clamp(-1.0, 1.0)
-    return deskew_batch(x)[:, 0].numpy(), shear.tolist()
+    out, alpha = deskew_batch_shear(x)
+    return out[:, 0].numpy(), alpha.tolist()
 
 
 def preprocess_many(images: list[Any], cfg: PreprocessConfig | None = None, fast: bool = True

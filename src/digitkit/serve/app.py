@@ -302,12 +302,13 @@ class Worker:
         try:
             future = (self.quick if quick else self.pool).submit(fn, *args)
         except RuntimeError:  # shutting down
-            self._done(None)
+            self.release(None)
             raise ServiceError(503, "shutting down", "the server is stopping; retry on another instance") from None
-        future.add_done_callback(self._done)
+        future.add_done_callback(self.release)
         return await _await(future, timeout_s)
 
-    def _done(self, _: Any) -> None:
+    def release(self, _: Any = None) -> None:
+        """One job fewer (a future's done callback, or a job that never started)."""
         with self._lock:
             self.pending -= 1
 
@@ -373,7 +374,7 @@ class Batcher:
     async def submit(self, timeout_s: float, ticket: Ticket, payload: Any) -> Any:
         self.worker.admit()
         future: Future = Future()
-        future.add_done_callback(self.worker._done)
+        future.add_done_callback(self.worker.release)
         with self.cond:
             ticket.withdraw()
             if self.closed:

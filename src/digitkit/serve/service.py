@@ -378,10 +378,7 @@ class Service:
         An input that is not a readable image gets `rejected: "unreadable"` and an `error`; with `strict` (one
         image per request) it raises ServiceError instead, after the attempt is logged.
         """
-        out = self.predict_jobs([Job(inputs, route, client, top_k, return_input, strict)])[0]
-        if isinstance(out, ServiceError):
-            raise out
-        return out
+        return self._predict(inputs, route, client, top_k, return_input, strict)[0]
 
     def predict_jobs(self, jobs: list[Job]) -> list[list[dict[str, Any]] | ServiceError]:
         """Several requests answered together (micro-batching, digitkit.serve.app): every image of every job not in
