@@ -306,7 +306,8 @@ def start_server(model: str, tmp: Path, args: argparse.Namespace) -> tuple[subpr
     port = free_port()
     log_path = tmp / f"server-{port}.log"
     settings = tmp / f"serve-{port}.yaml"
-    settings.write_text(json.dumps({"batching": {"wait_ms": args.batch_wait_ms}}))  # JSON is YAML
+    settings.write_text(json.dumps({"batching": {"wait_ms": args.batch_wait_ms}, "http": args.http,
+                                    "pin_cpu": args.pin_cpu}))  # JSON is YAML
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DIGITKIT_API_KEY": API_KEY}
     cmd = [sys.executable, "-m", "digitkit", "serve", "--model", model, "--host", "127.0.0.1", "--port", str(port),
            "--workers", str(args.workers), "--cache-size", "0", "--audit-db", f"sqlite:///{tmp / 'http.db'}",
@@ -467,6 +468,10 @@ def main() -> None:
                    help="the server's engine; onnx needs `digitkit export RUN` first (RUN/export/model.onnx)")
     p.add_argument("--batch-wait-ms", type=float, default=2.0,
                    help="the server's batching.wait_ms (micro-batching of single-image requests; 0 turns it off)")
+    p.add_argument("--http", choices=["auto", "httptools", "h11"], default="auto",
+                   help="the server's HTTP parser (settings http; auto: httptools when installed)")
+    p.add_argument("--no-pin-cpu", dest="pin_cpu", action="store_false",
+                   help="let the OS move the server's threads between cores (settings pin_cpu: false)")
     p.add_argument("--skip-http", action="store_true")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve_load.json"))
     args = p.parse_args()
@@ -475,7 +480,18 @@ def main() -> None:
     reqs = Requests(test_digits(2000))
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
-        results = in_process(args.model, reqs, args, Path(tmp))
+        # In-process, this process is the server: pinned to one core as `digitkit serve` pins its workers
+        # (settings pin_cpu), then set free again before the client processes (which inherit it) are started.
+        free = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+        if args.pin_cpu:
+            from digitkit.serve.cpu import pin_to_one_core
+
+            pin_to_one_core()
+        try:
+            results = in_process(args.model, reqs, args, Path(tmp))
+        finally:
+            if free is not None:
+                os.sched_setaffinity(0, free)
         if not args.skip_http:
             results.update(over_http(args.model, reqs, args, Path(tmp)))
 
@@ -514,6 +530,8 @@ def main() -> None:
         "repeats": args.repeats,
         "clients": args.clients,
         "workers": args.workers,
+        "pin_cpu": args.pin_cpu,
+        "http": args.http,
         "engine": args.engine,
         "batch_wait_ms": args.batch_wait_ms,
         "http_clients": "separate processes, one raw keep-alive socket each, requests encoded beforehand",

@@ -123,6 +123,16 @@ RUNGS = {
 """The ladder: rung -> (config, the mean test accuracy it promises, in at most this many seconds per process)."""
 
 
+def earlier_rungs(path: Path) -> list[dict[str, Any]]:
+    """The rungs a ladder JSON already holds (none when it is missing or not one)."""
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    rungs = earlier.get("rungs") if isinstance(earlier, dict) else None
+    return [r for r in rungs if isinstance(r, dict) and "rung" in r] if isinstance(rungs, list) else []
+
+
 def run_rung(config: str, seeds: list[int], sets: list[str], goal: tuple[float, float] | None) -> dict[str, Any]:
     """`digitkit train --config CONFIG` once per seed as whole processes, after one warm-up: the rung's JSON."""
     overrides = [x for kv in sets for x in ("--set", kv)]
@@ -139,12 +149,18 @@ def run_rung(config: str, seeds: list[int], sets: list[str], goal: tuple[float, 
             wall, _ = timed([*DIGITKIT, "train", "--config", config, *overrides, "--set", f"seed={seed}",
                              "--out", str(out), "--quiet"])  # fmt: skip
             s = json.loads((out / "summary.json").read_text())
-            rows.append({"seed": seed, "val_accuracy": s["val_accuracy"], "test_accuracy": s["test_accuracy"],
-                         "epochs": s["epochs"], "data_seconds": s["data_seconds"],
+            # A rung whose config scores with shift TTA (train.tta_shift_px) is measured as it answers: with it.
+            tta = s.get("tta") or {}
+            rows.append({"seed": seed, "val_accuracy": tta.get("val_accuracy", s["val_accuracy"]),
+                         "test_accuracy": tta.get("test_accuracy", s["test_accuracy"]),
+                         "plain_val_accuracy": s["val_accuracy"], "plain_test_accuracy": s["test_accuracy"],
+                         "tta_shift_px": tta.get("shift_px", 0), "epochs": s["epochs"],
+                         "data_seconds": s["data_seconds"],
                          "train_seconds": s["train_seconds"], "in_process_seconds": s["total_seconds"],
                          "finish_seconds": s["finish_seconds"], "wall_seconds": round(wall, 2)})  # fmt: skip
-            print(f"{seed:>4d} {100 * s['val_accuracy']:>7.2f} {100 * s['test_accuracy']:>7.2f} "
-                  f"{s['train_seconds']:>8.2f} {wall:>7.2f}", flush=True)  # fmt: skip
+            plain = f"  (without TTA: val {100 * s['val_accuracy']:.2f}, test {100 * s['test_accuracy']:.2f})"
+            print(f"{seed:>4d} {100 * rows[-1]['val_accuracy']:>7.2f} {100 * rows[-1]['test_accuracy']:>7.2f} "
+                  f"{s['train_seconds']:>8.2f} {wall:>7.2f}{plain if tta else ''}", flush=True)  # fmt: skip
     acc = [r["test_accuracy"] for r in rows]
     val = [r["val_accuracy"] for r in rows]
 
@@ -175,6 +191,9 @@ def run_rung(config: str, seeds: list[int], sets: list[str], goal: tuple[float, 
         "val_accuracy_mean": statistics.mean(val),
         "test_accuracy_mean": statistics.mean(acc),
         "test_accuracy_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
+        "tta_shift_px": rows[0]["tta_shift_px"] if rows else 0,
+        "plain_test_accuracy_mean": statistics.mean(r["plain_test_accuracy"] for r in rows),
+        "plain_val_accuracy_mean": statistics.mean(r["plain_val_accuracy"] for r in rows),
         "test_accuracy_min": min(acc),
         "test_accuracy_max": max(acc),
         "wall_seconds_median": statistics.median(walls),
@@ -221,10 +240,17 @@ def main() -> None:
         "rungs": [],
     }
     todo = [(None, args.config, None)] if args.config else [(n, RUNGS[n][0], RUNGS[n][1:]) for n in args.rungs]
+    # Rungs not run this time keep their entries (each says when and by which command it was measured).
+    kept = [] if args.config else [r for r in earlier_rungs(out_path) if r.get("rung") not in args.rungs]
     for name, config, goal in todo:
         rung = run_rung(config, args.seeds, args.set, goal)
-        result["rungs"].append({"rung": name, **rung} if name else rung)
-        out_path.write_text(json.dumps(result, indent=2) + "\n")  # after each rung: a long ladder keeps what it has
+        stamp = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "command": result["command"]}
+        result["rungs"].append({"rung": name, **stamp, **rung} if name else rung)
+        order = list(RUNGS)
+        everything = sorted(kept + result["rungs"], key=lambda r: order.index(r["rung"]) if r.get("rung") in order
+                            else len(order))  # fmt: skip
+        # after each rung: a long ladder keeps what it has measured
+        out_path.write_text(json.dumps({**result, "rungs": everything}, indent=2) + "\n")
     rungs = result["rungs"]
     print(f"digitkit --help {help_seconds:.2f} s")
     for r in rungs:

@@ -416,10 +416,11 @@ def test_a_real_decompression_bomb_is_refused_before_decoding(client):
 
 def test_request_timeout_is_408(mnist_small_run, tmp_path, digits):
     settings = tmp_path / "s.yaml"
-    settings.write_text("limits:\n  request_timeout_s: 0.000001\n")
+    settings.write_text("limits:\n  request_timeout_s: 0.001\n")  # (event-loop timers count whole milliseconds)
     with serve(mnist_small_run, tmp_path, "--settings", str(settings), "--audit-db",
                f"sqlite:///{tmp_path / 'a.db'}") as srv, srv.client() as c:  # fmt: skip
-        big = np.kron(digits[0][1], np.ones((8, 8), np.uint8))  # 224 x 224: the thread-pool path, with its timeout
+        # 1,008 x 1,008: the full path takes tens of milliseconds, far over the limit
+        big = np.kron(digits[0][1], np.ones((36, 36), np.uint8))
         assert_error(c.post("/v1/predict", content=png(big), headers={"content-type": "image/png"}), 408,
                      "request_timeout_s")  # fmt: skip
         assert c.get("/healthz").status_code == 200

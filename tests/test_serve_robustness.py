@@ -278,6 +278,9 @@ def test_two_workers_share_one_audit_log_and_one_metrics_view(mnist_small_run: P
         assert not errors, errors
         assert len([v for v in by_worker.values() if v > 0]) == 2, f"one worker answered everything: {by_worker}"
         assert sum(by_worker.values()) == sent
+        if len(os.sched_getaffinity(0)) >= 2:  # settings pin_cpu: each worker on a core of its own
+            cores = [os.sched_getaffinity(int(pid)) for pid in by_worker]
+            assert all(len(c) == 1 for c in cores) and len(set().union(*cores)) == 2, cores
         # Whichever worker answers the scrape reports the count of both (fresh connections: either worker).
         scraped = []
         for _ in range(6):
@@ -573,6 +576,96 @@ def test_a_slow_body_is_cut_and_answered_408(guarded: Server) -> None:
     assert metric(guarded, "digitkit_requests_total", route="/v1/predict", status="408") == before + 1
 
 
+def read_all(sock: Any, limit: int = 1 << 16) -> bytes:
+    """What the server sends until it closes the connection (or 10 s pass)."""
+    data = b""
+    while len(data) < limit:
+        try:
+            chunk = sock.recv(4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def test_an_oversized_header_is_refused_431_before_it_is_kept(guarded: Server, mnist_train) -> None:
+    from digitkit.serve import protocol
+
+    before = metric(guarded, "digitkit_connections_refused_total", reason="header_too_large")
+    for head in (b"GET /healthz?" + b"a" * 20_000 + b" HTTP/1.1\r\n",  # a long URL, sent in pieces
+                 b"GET /healthz HTTP/1.1\r\n" + b"X-Pad: " + b"b" * 8_000 + b"\r\n" * 1
+                 + b"".join(b"X-%d: %s\r\n" % (i, b"c" * 100) for i in range(200))):  # many fields
+        s = attacker_socket(guarded)
+        try:
+            for k in range(0, len(head), 4096):
+                try:
+                    s.sendall(head[k : k + 4096])
+                except OSError:  # closed by the server mid-send: what it answered is still in the buffer
+                    break
+            answer = read_all(s)
+        finally:
+            s.close()
+        status, _, rest = answer.partition(b"\r\n")
+        assert status == b"HTTP/1.1 431 Request Header Fields Too Large", answer[:200]
+        body = json.loads(rest.split(b"\r\n\r\n", 1)[1])
+        assert body["error"] == "request header too large" and "limits.max_header_bytes" in body["detail"], body
+    assert metric(guarded, "digitkit_connections_refused_total", reason="header_too_large") == before + 2
+    # A header under the limit is answered as before, and the server keeps serving.
+    r = httpx.get(guarded.url + "/healthz", headers={"X-Pad": "d" * 8000}, timeout=10)
+    assert r.status_code == 200, r.text
+    assert protocol.protocol_path("auto").endswith("GuardedHttpToolsProtocol")  # httptools is a dependency
+    assert "Traceback" not in guarded.log()
+
+
+def test_the_h11_fallback_keeps_the_same_bounds(mnist_small_run: Path, tmp_path: Path) -> None:
+    """settings `http: h11` (and a machine without httptools) serves through GuardedH11Protocol: a slow header is
+    cut with 408, an oversized one is refused (by h11 itself: 400), and requests are answered."""
+    settings = tmp_path / "serve.yaml"
+    settings.write_text(json.dumps({"http": "h11", "limits": {"header_timeout_s": 1.0, "max_header_bytes": 4096}}))
+    with serve(mnist_small_run, tmp_path, "--settings", str(settings), "--audit-db",
+               f"sqlite:///{tmp_path / 'audit.db'}") as server:  # fmt: skip
+        assert httpx.get(server.url + "/healthz", timeout=10).status_code == 200
+        slow = attacker_socket(server)
+        big = attacker_socket(server)
+        try:
+            slow.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\n")  # never finished
+            big.sendall(b"GET /healthz HTTP/1.1\r\nX-Pad: " + b"e" * 6000 + b"\r\n\r\n")
+            t0 = time.perf_counter()
+            slow_answer = read_all(slow)
+            waited = time.perf_counter() - t0
+            big_answer = read_all(big)
+        finally:
+            slow.close()
+            big.close()
+        assert slow_answer.startswith(b"HTTP/1.1 408 Request Timeout"), slow_answer[:200]
+        assert waited < 1.0 + 3, f"the slow header was cut only after {waited:.1f} s"
+        # h11 refuses it itself (uvicorn answers its parse errors 400; the httptools protocol says 431).
+        assert big_answer.startswith(b"HTTP/1.1 400 Bad Request"), big_answer[:200]
+        assert httpx.get(server.url + "/healthz", timeout=10).status_code == 200
+
+
+def test_the_http_setting_is_checked() -> None:
+    from digitkit.errors import ConfigError
+    from digitkit.serve import protocol
+    from digitkit.serve.settings import from_dict
+
+    with pytest.raises(ConfigError, match="expected auto, httptools or h11"):
+        from_dict({"http": "http2"})
+    with pytest.raises(ConfigError, match="max_header_bytes"):
+        from_dict({"limits": {"max_header_bytes": 0}})
+    assert protocol.protocol_path("h11").endswith(":GuardedH11Protocol")
+    saved = protocol.HttpToolsProtocol
+    try:
+        protocol.HttpToolsProtocol = None  # as on a machine without httptools
+        assert protocol.protocol_path("auto").endswith(":GuardedH11Protocol")
+        with pytest.raises(ConfigError, match="pip install httptools"):
+            protocol.protocol_path("httptools")
+    finally:
+        protocol.HttpToolsProtocol = saved
+
+
 def gif_of_frames(frames: int) -> bytes:
     """A valid GIF of `frames` 1x1 frames (22 bytes each), built without PIL: 360,000 frames are 7.9 MB."""
     header = b"GIF89a" + struct.pack("<HHBBB", 1, 1, 0x80, 0, 0) + b"\x00\x00\x00\xff\xff\xff"
@@ -731,3 +824,9 @@ def test_repeated_accept_errors_are_logged_once_per_period() -> None:
     logger.error("something else")
     assert len(records) == 2 and records[0].exc_info is None and "logged at most once per 60 s" in records[0].msg
     assert records[1].getMessage() == "something else"
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores: a one-core machine is left as it is")
+def test_the_server_process_is_pinned_to_one_core(guarded: Server) -> None:
+    """settings pin_cpu (default true): `digitkit serve` runs on one core (digitkit.serve.cpu)."""
+    assert len(os.sched_getaffinity(guarded.process.pid)) == 1

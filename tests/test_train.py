@@ -415,3 +415,31 @@ def test_runs_can_share_a_validation_split_across_seeds(tiny_dir):
     assert val_indices("seed=1", "data.split_seed=7") == val_indices("seed=2", "data.split_seed=7")
     assert val_indices("seed=1") != val_indices("seed=2")
     assert val_indices("seed=7") == val_indices("seed=3", "data.split_seed=7")
+
+
+def test_shift_tta_is_scored_at_the_end_beside_the_plain_figures(tmp_path, tiny_dir, capsys):
+    """train.tta_shift_px: the summary's `tta` holds validation and test accuracy of the mean softmax over the 5
+    shifted views of the checkpoint chosen on plain validation; the plain figures stay as they were."""
+    from digitkit.cli import print_summary
+    from digitkit.evaluate import predict_probs_shift_tta, shift
+
+    cfg = tiny_cfg(tiny_dir, "train.tta_shift_px=2", "train.epochs=2")
+    summary = runs.train_run(cfg, out=tmp_path / "r")
+    plain = runs.train_run(tiny_cfg(tiny_dir, "train.epochs=2"), out=tmp_path / "p")
+    assert "tta" not in plain and summary["test_accuracy"] == plain["test_accuracy"]  # TTA changes no training
+    _, val_set, test_set = runs.load_data(cfg)
+    model = checkpoint.model_from_checkpoint(checkpoint.load(tmp_path / "r" / summary["checkpoint"]))
+    for name, ds in (("val", val_set), ("test", test_set)):
+        probs = predict_probs_shift_tta(model, ds.images, 2)
+        assert summary["tta"][f"{name}_accuracy"] == int((probs.argmax(1) == ds.labels).sum()) / len(ds)
+    assert summary["tta"]["shift_px"] == 2 and summary["tta"]["views"] == 5
+    # The views really are shifted (the 5-view mean differs from the plain softmax).
+    x = test_set.images[:8].float() / 255
+    assert not torch.equal(shift(x, 2, 0), x)
+    assert not torch.allclose(predict_probs_shift_tta(model, test_set.images[:8], 2),
+                              predict_logits(model, test_set.images[:8]).softmax(1))  # fmt: skip
+    print_summary({**summary, "run_dir": str(tmp_path / "r")})
+    assert "shift TTA      validation " in capsys.readouterr().out
+    for bad in ("-1", "5", "true"):
+        with pytest.raises(config.ConfigError, match="tta_shift_px"):
+            tiny_cfg(tiny_dir, f"train.tta_shift_px={bad}")

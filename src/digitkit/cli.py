@@ -228,6 +228,11 @@ def print_summary(s: dict[str, Any]) -> None:
         print(f"validation     {100 * s['val_accuracy']:.2f}%  (log loss {s['val_log_loss']:.4f})")
     print(f"test           {100 * s['test_accuracy']:.2f}%  "
           f"({s['test_errors']} errors, log loss {s['test_log_loss']:.4f})")  # fmt: skip
+    if s.get("tta"):
+        tta = s["tta"]
+        figures = [f"{label} {100 * tta[f'{key}_accuracy']:.2f}%" for key, label in (("val", "validation"),
+                   ("test", "test")) if f"{key}_accuracy" in tta]  # fmt: skip
+        print(f"shift TTA      {', '.join(figures)}  ({tta['views']} views, {tta['shift_px']} px)")
     print(f"checkpoint     {s['checkpoint']}")
 
 
@@ -1234,6 +1239,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from digitkit import checkpoint
+    from digitkit.serve import protocol
     from digitkit.serve import settings as serve_settings
     from digitkit.serve.service import check_paths
 
@@ -1251,13 +1257,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"digitkit: serving {settings.model}{rows} at http://{settings.host}:{settings.port}/ "
           f"(API key {'on' if settings.api_key else 'off'}, admin routes {'on' if settings.admin_token else 'off'})",
           file=sys.stderr, flush=True)  # fmt: skip
-    # The guarded h11 protocol bounds connections and header time (digitkit.serve.protocol); the app bounds the rest.
+    # The guarded protocol bounds connections, header time and size (digitkit.serve.protocol); the app the rest.
     common = {"host": settings.host, "port": settings.port, "log_level": settings.log_level,
-              "timeout_graceful_shutdown": 10, "http": "digitkit.serve.protocol:GuardedH11Protocol",
+              "timeout_graceful_shutdown": 10, "http": protocol.protocol_path(settings.http),
+              "h11_max_incomplete_event_size": settings.limits.max_header_bytes,
               "timeout_keep_alive": settings.limits.keep_alive_s, "backlog": settings.limits.backlog}  # fmt: skip
     if settings.workers == 1:
         from digitkit.serve.app import create_app
+        from digitkit.serve.cpu import pin_to_one_core
 
+        if settings.pin_cpu:  # the loop and the answering thread on one core (digitkit.serve.cpu)
+            pin_to_one_core()
         uvicorn.run(create_app(settings), **common)
         return 0
     # Several processes: each worker builds its app from these variables (spawned, nothing is inherited).

@@ -131,6 +131,11 @@ class TrainConfig:
     ema_decay: float = 0.0
     """Exponential moving average of the weights (and batch-norm statistics), updated every step; validation,
     checkpoints and the test figure use the average. 0 turns it off; 0.999 is typical for runs of 10k+ steps."""
+    tta_shift_px: int = 0
+    """Test-time augmentation at the run's final evaluation: validation and test are also scored on the mean
+    softmax over each image and its copies moved this many pixels left, right, up and down (5 forward passes;
+    evaluate.predict_probs_shift_tta), into summary.json's `tta`. 0 turns it off. The checkpoint is still chosen
+    on plain validation; `predict` and the server answer without it."""
     outlier_weight: float = 0.0
     """Outlier exposure (Hendrycks et al. 2019, "Deep anomaly detection with outlier exposure"): every batch also
     holds `outlier_batch` non-digits from data.negatives_dir, augmented like the digits, and the loss adds this
@@ -167,6 +172,10 @@ class TrainConfig:
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"train.ema_decay = {self.ema_decay}: expected 0 (off) or a decay in (0, 1) such as "
                               "0.999")  # fmt: skip
+        if isinstance(self.tta_shift_px, bool) or not isinstance(self.tta_shift_px, int) or \
+                not 0 <= self.tta_shift_px <= 4:  # fmt: skip
+            raise ConfigError(f"train.tta_shift_px = {self.tta_shift_px!r}: expected 0 (off) or a shift of 1 to 4 "
+                              "pixels (1 is typical)")
         if self.early_stopping_patience_epochs < 0 or self.plateau_patience_epochs < 0:
             raise ConfigError("train.*_patience_epochs must be >= 0 (0 turns early stopping off)")
 

@@ -26,7 +26,7 @@ import torch
 from digitkit import __version__, checkpoint, config, data, distributed
 from digitkit.config import Config
 from digitkit.errors import ConfigError, DataError
-from digitkit.evaluate import confusion_matrix, loss_and_accuracy, predict_logits
+from digitkit.evaluate import confusion_matrix, loss_and_accuracy, predict_logits, predict_probs_shift_tta
 from digitkit.idx import atomic_write_bytes
 from digitkit.models import count_macs, count_params, create_model
 from digitkit.train import LAST, FitState, Reporter, StepFn, fit, pick_device
@@ -308,9 +308,26 @@ def finish_run(
 
             plots.save_confusion(cm.numpy(), test_set.classes, run_dir / "confusion.png",
                                  title=f"{cfg.model.name} ({run_dir.name}): test set")  # fmt: skip
+    if cfg.train.tta_shift_px:
+        summary["tta"] = _tta_figures(model, cfg, device, val_set, test_set)
     summary["finish_seconds"] = round(time.perf_counter() - finish_started, 2)
     atomic_write_bytes(run_dir / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
     return {"run_dir": str(run_dir), "finished": True, **summary}
+
+
+def _tta_figures(model: torch.nn.Module, cfg: Config, device: torch.device, val_set: data.Dataset,
+                 test_set: data.Dataset | None) -> dict[str, Any]:  # fmt: skip
+    """Validation and test accuracy with shift TTA (train.tta_shift_px): summary.json's `tta`."""
+    px = cfg.train.tta_shift_px
+    fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    model.to(device=device, memory_format=fmt)
+    out: dict[str, Any] = {"shift_px": px, "views": 5}
+    for name, ds in (("val", val_set), ("test", test_set)):
+        if ds is not None and len(ds):
+            probs = predict_probs_shift_tta(model, ds.images, px, cfg.train.eval_batch_size, device,
+                                            cfg.train.channels_last)  # fmt: skip
+            out[f"{name}_accuracy"] = int((probs.argmax(1) == ds.labels).sum()) / len(ds)
+    return out
 
 
 def store_calibration(ckpt_path: Path, ckpt: dict[str, Any], val_logits: torch.Tensor | None,

@@ -514,7 +514,8 @@ def create_app(settings: ServeSettings) -> FastAPI:
     app.state.alerts, app.state.webhook = None, None
     app.state.max_connections = protocol.configure(limits.max_connections, limits.max_connections_per_client,
                                                    limits.header_timeout_s, limits.backlog,
-                                                   lambda reason: _count_refused(app.state, reason))  # fmt: skip
+                                                   lambda reason: _count_refused(app.state, reason),
+                                                   limits.max_header_bytes)  # fmt: skip
     paths: set[str] = set()
     app.add_middleware(Guard, limits=limits)
     app.add_middleware(RequestMetrics, state=app.state, paths=lambda: paths)  # outermost: sees every answer
@@ -794,9 +795,13 @@ def app_from_env() -> FastAPI:
     raw = os.environ.get(SETTINGS_ENV)
     if not raw:
         raise RuntimeError(f"{SETTINGS_ENV} is not set; start the server with `digitkit serve`")
+    from digitkit.serve.cpu import pin_to_one_core
     from digitkit.serve.settings import from_dict
 
-    return create_app(from_dict(json.loads(raw)))
+    settings = from_dict(json.loads(raw))
+    if settings.pin_cpu:  # each worker a core of its own, in turn (the metrics folder is the workers' shared one)
+        pin_to_one_core(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+    return create_app(settings)
 
 
 def _drain(spool: Any) -> Iterator[str]:

@@ -43,8 +43,8 @@ class Metrics:
         self.client_disconnects = Counter("digitkit_client_disconnects_total",
                                           "Requests whose client disconnected before the response was sent, by route",
                                           ["route"], registry=reg)  # fmt: skip
-        # The connection layer (digitkit.serve.protocol): connections answered 503 at limits.max_connections, or
-        # cut with 408 at limits.header_timeout_s, before any request was read.
+        # The connection layer (digitkit.serve.protocol): connections answered 503 at limits.max_connections, cut
+        # with 408 at limits.header_timeout_s or with 431 over limits.max_header_bytes, before any request was read.
         self.connections_refused = Counter("digitkit_connections_refused_total",
                                            "Connections refused or cut before a request was read, by reason",
                                            ["reason"], registry=reg)  # fmt: skip
