@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -52,3 +53,21 @@ def test_the_pin_cpu_setting_is_checked() -> None:
     assert from_dict({"pin_cpu": False}).pin_cpu is False
     with pytest.raises(ConfigError, match="pin_cpu"):
         from_dict({"pin_cpu": "yes"})
+
+
+@pytest.mark.skipif(len(CORES) < 2, reason="needs at least 2 cores to pin to one of them")
+def test_a_turn_counter_that_cannot_be_kept_means_the_first_core(tmp_path: Path) -> None:
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")  # the counter's folder cannot be made
+    assert pinned(str(blocked)) == (CORES[0], [CORES[0]])
+    garbled = tmp_path / "garbled"
+    garbled.mkdir()
+    (garbled / "digitkit-cpu-turns").write_text("x\n")  # an unreadable count restarts at 0
+    assert [pinned(str(garbled))[0] for _ in range(2)] == CORES[:2]
+
+
+def test_single_worker_servers_take_turns_machine_wide() -> None:
+    from digitkit.serve.cpu import machine_turns
+
+    folder = machine_turns()
+    assert folder.parent == Path(tempfile.gettempdir()) and folder.name == f"digitkit-serve-{os.getuid()}"

@@ -1264,10 +1264,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
               "timeout_keep_alive": settings.limits.keep_alive_s, "backlog": settings.limits.backlog}  # fmt: skip
     if settings.workers == 1:
         from digitkit.serve.app import create_app
-        from digitkit.serve.cpu import pin_to_one_core
+        from digitkit.serve.cpu import machine_turns, pin_to_one_core
 
         if settings.pin_cpu:  # the loop and the answering thread on one core (digitkit.serve.cpu)
-            pin_to_one_core()
+            pin_to_one_core(machine_turns())
         uvicorn.run(create_app(settings), **common)
         return 0
     # Several processes: each worker builds its app from these variables (spawned, nothing is inherited).

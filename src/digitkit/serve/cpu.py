@@ -6,7 +6,8 @@ gains little from a second core, while each hand-over between cores costs a wake
 2-vCPU virtual machine of issue 27, one PNG request took 2.89 ms p50 in-process with the process free to move and
 1.62 ms pinned to one core (`benchmarks/serve_load.py --skip-http`, same minute). `digitkit serve` therefore pins
 each worker process to one core (settings `pin_cpu: true`, the default), the workers spread over the cores the
-server may use, one each in turn. Linux only (os.sched_setaffinity); elsewhere nothing happens.
+server may use, one each in turn; single-worker servers of one user take turns machine-wide (`machine_turns`), so
+two of them start on different cores. Linux only (os.sched_setaffinity); elsewhere nothing happens.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import tempfile
 from pathlib import Path
 
 log = logging.getLogger("digitkit.serve")
@@ -41,13 +43,25 @@ def pin_to_one_core(shared_dir: str | Path | None = None) -> int | None:
     return core
 
 
+def machine_turns() -> Path:
+    """Where single-worker servers of this user take turns: two `digitkit serve` on one machine then start on
+    different cores (the temporary folder, one file per user)."""
+    return Path(tempfile.gettempdir()) / f"digitkit-serve-{os.getuid()}"
+
+
 def _next_turn(folder: Path) -> int:
-    with open(folder / TURN_FILE, "a+b") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
-        f.seek(0)
-        text = f.read().decode("ascii", "replace").strip()
-        turn = int(text) if text.isdigit() else 0
-        f.seek(0)
-        f.truncate()
-        f.write(str(turn + 1).encode())
-        return turn
+    """This process's turn (0, 1, 2, ...) among those sharing `folder`; 0 when the counter cannot be kept."""
+    try:
+        folder.mkdir(mode=0o700, exist_ok=True)
+        with open(folder / TURN_FILE, "a+b") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
+            f.seek(0)
+            text = f.read().decode("ascii", "replace").strip()
+            turn = int(text) if text.isdigit() else 0
+            f.seek(0)
+            f.truncate()
+            f.write(str(turn + 1).encode())
+            return turn
+    except OSError as e:
+        log.debug("no CPU turn counter in %s (%s): the first core is taken", folder, e)
+        return 0

@@ -311,7 +311,8 @@ class ServeSettings:
     pin_cpu: bool = True
     """Pin each worker process to one CPU core (Linux), the workers spread over the cores in turn: the event loop
     and the thread answering requests then hand work over on one core instead of waking another
-    (digitkit.serve.cpu; 1.6 against 2.9 ms per PNG on a 2-vCPU virtual machine). false lets the OS move them."""
+    (digitkit.serve.cpu; 1.6 against 2.9 ms per PNG on a 2-vCPU virtual machine). Single-worker servers of one
+    user take the cores in turn machine-wide. false lets the OS move them (e.g. beside other busy services)."""
     http: str = "auto"
     """The HTTP parser: httptools (llhttp, in C), h11 (pure Python, about 15% fewer requests a second on 2 cores),
     or auto: httptools when it is installed, else h11. Both carry the same connection limits."""
