@@ -17,10 +17,11 @@ With --source test (the default) nothing here chooses anything: the sets come fr
 
     python benchmarks/read.py --reader runs/read-s0 [--classifier runs/rw3e20-s0] [--rows 300] \
         [--source test|val] [--setup] [--no-tesseract] [--ink-fractions 0.64,0.7,0.75,0.8,0.86|none] \
-        [--reread-below 0.9] [--out benchmarks/results/read.json]
+        [--reread-below 0.9] [--reject-below 0.2] [--out benchmarks/results/read.json]
 
 --ink-fractions and --reread-below replace the run's inference.row_ink_fractions (the heights a row is read at)
-and inference.reread_below_row_confidence (read the other heights only for rows less sure than this).
+and inference.reread_below_row_confidence (read the other heights only for rows less sure than this);
+--reject-below replaces inference.reject_below_row_confidence (on pages, fields less sure are not digit fields).
 
 --source val builds the rows from the reader's validation digits (the font rows are the same) and chooses
 inference.reject_below_row_confidence there: the highest threshold rejecting at most 1% of the rows read right.
@@ -284,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
                     "inference.row_ink_fractions (e.g. 0.64,0.7,0.75,0.8,0.86; 'none' for the one height)")  # fmt: skip
     ap.add_argument("--reread-below", type=float, help="replaces the run's inference.reread_below_row_confidence "
                     "(1: every row at every height)")  # fmt: skip
+    ap.add_argument("--reject-below", type=float, help="replaces the run's inference.reject_below_row_confidence "
+                    "(pages: fields less sure than this are not digit fields)")  # fmt: skip
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "read.json"))
     args = ap.parse_args(argv)
     inference: dict = {}
@@ -292,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
                                           else [float(f) for f in args.ink_fractions.split(",")])  # fmt: skip
     if args.reread_below is not None:
         inference["reread_below_row_confidence"] = args.reread_below
+    if args.reject_below is not None:
+        inference["reject_below_row_confidence"] = args.reject_below
     if args.setup:
         setup()
     torch.set_num_threads(args.threads)
@@ -346,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         "reader": args.reader, "source": args.source, "classifier": args.classifier, "rows_per_set": args.rows,
         "seed": args.seed, "row_ink_fractions": used.row_ink_fractions,
         "reread_below_row_confidence": used.reread_below_row_confidence,
+        "reject_below_row_confidence": used.reject_below_row_confidence,
         "touching_rows_share": TOUCHING_ROWS, "fonts": fonts, "threads": args.threads,
         "tesseract": _tesseract_version() if tess is not None else None,
         "machine": {"processor": _cpu_name(), "python": platform.python_version(), "torch": torch.__version__},

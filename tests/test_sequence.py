@@ -286,7 +286,8 @@ def test_the_reader_reads_unsure_rows_again_at_other_heights(row_reader_run):
     assert calls[:1] == [1] and never.text == single.text and never.confidence == single.confidence
     calls, many = read([0.65, 0.75, 0.85], below=1.0)
     assert calls == [1, 2]  # rows.ink_fraction (0.75) first, then the other two heights in one batch
-    (lps, geom), = rdr.readings([ink])
+    (lps, geom, first), = rdr.readings([ink])
+    assert first == ctc.beam(lps[0])  # the search that decided on reading again, kept for decode
     assert len(lps) == 3 and lps[1].shape[0] < lps[0].shape[0] < lps[2].shape[0]  # 0.75, 0.65, 0.85
     assert np.array_equal(lps[0], rdr.log_probs([normalize_row(ink, rdr.rows_cfg)])[0])
     mean = sum(ctc.string_log_prob(lp, many.text) for lp in lps) / 3

@@ -401,18 +401,20 @@ def beam(log_probs: torch.Tensor | np.ndarray, beam_width: int = 8, pattern: Pat
 
 
 def beam_many(readings: Sequence[torch.Tensor | np.ndarray], beam_width: int = 8,
-              pattern: Pattern | None = None) -> Decoded:  # fmt: skip
+              pattern: Pattern | None = None, first: Decoded | None = None) -> Decoded:  # fmt: skip
     """One row read several ways (the reader's `inference.row_ink_fractions`: the row at several ink heights), each
     a (T_i, K) array: every reading's `beam` string is a candidate, and the one with the highest mean log P(text)
     over all the readings wins (a product of experts: a string each reading finds likely). Its confidence is that
     mean as a probability (the geometric mean of its probabilities); its frames and character confidences are the
     first reading's (whose geometry places the boxes). One reading: exactly `beam`. When no candidate has a non-zero
-    probability under every reading (a reading too short for a long string), the first reading's `beam` answers."""
+    probability under every reading (a reading too short for a long string), the first reading's `beam` answers.
+    `first`, when the caller already has it, is `beam(readings[0], beam_width, pattern)` and is not searched again."""
     if isinstance(readings, np.ndarray | torch.Tensor) or not readings:
         raise ValueError("beam_many: readings must be a non-empty list of (T, K) log-probability arrays, one per "
                          f"reading of the row; got {type(readings).__name__}")  # fmt: skip
     lps = [_checked_row(r, "beam_many") for r in readings]
-    first = beam(readings[0], beam_width, pattern)
+    if first is None:
+        first = beam(readings[0], beam_width, pattern)
     if len(lps) == 1:
         return first
     texts = [first.text] if first.matched else []

@@ -158,11 +158,12 @@ def read_page(reader: SequenceReader, source: Any, fields: dict[str, str] | None
     read = reader.readings(crops)
     # a field wider than a row can be (a rule across the page) is not a digit field
     keep = [j for j, got in enumerate(read) if not isinstance(got, DataError)]
-    lps, geoms = [read[j][0] for j in keep], [read[j][1] for j in keep]
+    rows = [read[j] for j in keep]
     masks, origins = [masks[j] for j in keep], [origins[j] for j in keep]
 
     def decode(i: int, compiled: Any = None, pattern: str | None = None) -> RowReading:
-        r = reader.decode(lps[i], geoms[i], masks[i], scale, {}, compiled, pattern, beam_width, fallback=False)
+        r = reader.decode(rows[i].lps, rows[i].geom, masks[i], scale, {}, compiled, pattern, beam_width,
+                          fallback=False, first=rows[i].first)  # fmt: skip
         dx, dy = origins[i]
         for d in r.digits:  # from the field's crop to the page
             d["box"] = [d["box"][0] + round(dx * scale), d["box"][1] + round(dy * scale),

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -40,6 +40,17 @@ BEAM_WIDTH = 8
 """Prefixes kept per frame by the beam search. On the validation rows 8 reads as well as 32 (issue 23)."""
 CHUNK = 32
 """Rows per forward pass when many are read at once (rows of like width are batched together)."""
+
+
+class RowLogProbs(NamedTuple):
+    """One row as the model saw it (SequenceReader.readings)."""
+
+    lps: list[np.ndarray]
+    """(T_i, K) frame log-probabilities per height the row was read at, rows.ink_fraction first."""
+    geom: RowGeometry
+    """Where the first height's row sits in the ink it was cut from (places the boxes)."""
+    first: ctc.Decoded | None = None
+    """The first height's beam search (BEAM_WIDTH, no pattern) when it was run to decide on reading again."""
 
 
 @dataclass
@@ -160,19 +171,19 @@ class SequenceReader:
                     readings[i] = RowReading("", 0.0, rejected="too-wide" if "wide" in str(got) else "no-ink",
                                              why=str(got), pattern=pattern, record=record)  # fmt: skip
                 continue
-            lps, geom = got
-            r = self.decode(lps, geom, mask, scale, record, compiled, pattern, beam_width)
+            r = self.decode(got.lps, got.geom, mask, scale, record, compiled, pattern, beam_width, first=got.first)
             if i not in best or _rank(r) > _rank(best[i]):
                 best[i] = r
         for i, r in best.items():
             readings[i] = r
         return readings  # type: ignore[return-value]
 
-    def readings(self, inks: list[np.ndarray]) -> list[tuple[list[np.ndarray], RowGeometry] | DataError]:
-        """Each row's ink -> its frame log-probabilities at every height it is read at, and the RowGeometry of the
-        first (rows.ink_fraction, which places the boxes); a DataError (no ink, too wide) for a row that cannot be
-        read. The other heights of inference.row_ink_fractions are read only for rows whose string at the first is
-        less probable than inference.reread_below_row_confidence: two batched passes at most."""
+    def readings(self, inks: list[np.ndarray]) -> list[RowLogProbs | DataError]:
+        """Each row's ink -> RowLogProbs: its frame log-probabilities at every height it is read at, the RowGeometry
+        of the first (rows.ink_fraction, which places the boxes) and, when it was needed, the first height's beam
+        search; a DataError (no ink, too wide) for a row that cannot be read. The other heights of
+        inference.row_ink_fractions are read only for rows whose string at the first is less probable than
+        inference.reread_below_row_confidence: two batched passes at most."""
         inf = self.inference
         out: list[Any] = [None] * len(inks)
         first: list[tuple[int, np.ndarray]] = []
@@ -182,36 +193,42 @@ class SequenceReader:
             except DataError as e:
                 out[k] = e
                 continue
-            out[k] = ([], geom)
+            out[k] = RowLogProbs([], geom)
             first.append((k, row))
         again: list[tuple[int, np.ndarray]] = []
         heights = [f for f in inf.row_ink_fractions if f != self.rows_cfg.ink_fraction]
         for (k, _), lp in zip(first, self.log_probs([row for _, row in first]), strict=True):
-            out[k][0].append(lp)
-            if heights and ctc.beam(lp, BEAM_WIDTH).confidence < inf.reread_below_row_confidence:
+            out[k].lps.append(lp)
+            if not heights:
+                continue
+            out[k] = out[k]._replace(first=ctc.beam(lp, BEAM_WIDTH))
+            if out[k].first.confidence < inf.reread_below_row_confidence:
                 for f in heights:
                     try:
                         again.append((k, normalize_row(inks[k], dataclasses.replace(self.rows_cfg, ink_fraction=f))))
                     except DataError:  # too wide at this height: read at the others
                         continue
         for (k, _), lp in zip(again, self.log_probs([row for _, row in again]), strict=True):
-            out[k][0].append(lp)
+            out[k].lps.append(lp)
         return out
 
     def decode(self, lps: np.ndarray | list[np.ndarray], geom: RowGeometry, mask: np.ndarray, scale: float,
                record: dict, compiled: Pattern | None = None, pattern: str | None = None,
-               beam_width: int = BEAM_WIDTH, fallback: bool = True) -> RowReading:  # fmt: skip
+               beam_width: int = BEAM_WIDTH, fallback: bool = True,
+               first: ctc.Decoded | None = None) -> RowReading:  # fmt: skip
         """One row's frame log-probabilities -> RowReading, its digits boxed in the input's pixels (`geom` and
         `mask`: normalize_row_geometry's and the ink mask the row was cut from; `scale` input px per mask px).
         `lps` is one (T, K) array, or one per height the row was read at (`readings`, the first height first: the
         string most probable over all of them wins, ctc.beam_many). Without a match for `compiled`, the reading
-        without it is given (unless not `fallback`)."""
+        without it is given (unless not `fallback`). `first` is RowLogProbs.first (the first height's search at
+        BEAM_WIDTH without a pattern), reused where the same search would be run again."""
         lps = [lps] if isinstance(lps, np.ndarray) else list(lps)
-        decoded = ctc.beam_many(lps, beam_width, compiled)
+        first = first if beam_width == BEAM_WIDTH else None
+        decoded = ctc.beam_many(lps, beam_width, compiled, None if compiled is not None else first)
         matched = decoded.matched
         rejected = why = None
         if not matched:
-            decoded = ctc.beam_many(lps, beam_width) if fallback else decoded
+            decoded = ctc.beam_many(lps, beam_width, first=first) if fallback else decoded
             rejected, why = "no-match", f"no reading of the row matches the pattern {pattern!r}"
         elif decoded.confidence < self.inference.reject_below_row_confidence:
             rejected = "low-confidence"
