@@ -272,7 +272,7 @@ def test_beam_many_of_one_reading_is_beam(seed):
     assert ctc.beam_many([lp], 8, pattern) == ctc.beam(lp, 8, pattern)
 
 
-def test_beam_many_answers_the_string_most_probable_over_every_reading():
+def test_beam_many_answers_the_string_most_probable_over_every_reading(monkeypatch):
     # reading A: "12" barely ahead of "13"; reading B (another height of the same row): "13" far ahead
     a, b = frames("1_2_"), frames("1__3_")
     a[2] = np.log(np.r_[[0.05], [0.9 / 9] * 10])  # frame 2 of A: '2' 0.5, '3' 0.4, the rest 0.1 together
@@ -288,6 +288,11 @@ def test_beam_many_answers_the_string_most_probable_over_every_reading():
     # with a pattern only the matching candidates compete
     assert ctc.beam_many([a, b], 8, compile_pattern("12")).text == "12"
     assert ctc.beam_many([a, b], 8, compile_pattern(r"\d{6}")).matched is False  # 6 digits need 11 frames
+    # the first reading's search, when the caller already has it, is taken as it is: same answer, not searched again
+    calls = []
+    original = ctc.beam
+    monkeypatch.setattr(ctc, "beam", lambda *args, **kw: calls.append(1) or original(*args, **kw))
+    assert ctc.beam_many([a, b], 8, first=original(a, 8)) == out and len(calls) == 1  # only b's
 
 
 def test_beam_many_keeps_to_the_first_reading_when_no_candidate_fits_them_all():

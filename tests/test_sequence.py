@@ -261,7 +261,7 @@ def _ink(img: np.ndarray, rdr: SequenceReader) -> np.ndarray:
     return ink_image(img.astype(np.float32) / 255, rdr.preprocess_cfg)[0]
 
 
-def test_the_reader_reads_unsure_rows_again_at_other_heights(row_reader_run):
+def test_the_reader_reads_unsure_rows_again_at_other_heights(row_reader_run, monkeypatch):
     import dataclasses
 
     rdr = SequenceReader.open(row_reader_run)
@@ -282,7 +282,12 @@ def test_the_reader_reads_unsure_rows_again_at_other_heights(row_reader_run):
         finally:
             hook.remove()
 
-    calls, never = read([0.65, 0.75, 0.85], below=0.0)  # no row is less sure than 0: one height, as without them
+    searches: list[int] = []
+    beam = ctc.beam
+    with monkeypatch.context() as m:  # the search that decides on reading again is the one the answer starts from
+        m.setattr(ctc, "beam", lambda *args, **kw: searches.append(1) or beam(*args, **kw))
+        calls, never = read([0.65, 0.75, 0.85], below=0.0)  # no row is less sure than 0: one height, as without them
+    assert len(searches) == 1  # once for the row, not once to decide and once more to answer
     assert calls[:1] == [1] and never.text == single.text and never.confidence == single.confidence
     calls, many = read([0.65, 0.75, 0.85], below=1.0)
     assert calls == [1, 2]  # rows.ink_fraction (0.75) first, then the other two heights in one batch
