@@ -201,8 +201,9 @@ class SequenceReader:
             out[k].lps.append(lp)
             if not heights:
                 continue
-            out[k] = out[k]._replace(first=ctc.beam(lp, BEAM_WIDTH))
-            if out[k].first.confidence < inf.reread_below_row_confidence:
+            searched = ctc.beam(lp, BEAM_WIDTH)
+            out[k] = out[k]._replace(first=searched)
+            if searched.confidence < inf.reread_below_row_confidence:
                 for f in heights:
                     try:
                         again.append((k, normalize_row(inks[k], dataclasses.replace(self.rows_cfg, ink_fraction=f))))
